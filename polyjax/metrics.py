@@ -1,0 +1,151 @@
+"""Where the numbers go: TensorBoard, ``metrics.jsonl``, a progress line, a
+summary and a PNG of the loss curves. Only the primary process writes."""
+
+from __future__ import annotations
+
+import json
+import math
+import pathlib
+import sys
+import time
+from collections.abc import Mapping
+from typing import Any, TextIO
+
+import numpy as np
+
+JSONL = "metrics.jsonl"
+PLOT = "loss.png"
+
+
+def _scalars(record: Mapping[str, Any]) -> dict[str, float]:
+    out = {}
+    for key, value in record.items():
+        arr = np.asarray(value)
+        if arr.ndim == 0 and np.issubdtype(arr.dtype, np.number):
+            out[key] = float(arr)
+    return out
+
+
+class Writer:
+    """Appends one record per call to TensorBoard and to ``workdir/metrics.jsonl``.
+
+    Scalars go to TensorBoard as scalars; ``expert_load`` (layers x experts) as one
+    histogram and a per-layer imbalance (max load x number of experts).
+    On resume, records past the restored step are dropped from the JSONL.
+    """
+
+    def __init__(self, workdir: str | pathlib.Path, resume_step: int = 0):
+        from tensorboardX import SummaryWriter
+
+        self.workdir = pathlib.Path(workdir)
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        self.path = self.workdir / JSONL
+        if self.path.exists():
+            kept = [r for r in read_jsonl(self.path) if r["step"] <= resume_step]
+            self.path.write_text("".join(json.dumps(r) + "\n" for r in kept))
+        self.file = self.path.open("a")
+        self.tb = SummaryWriter(str(self.workdir / "tensorboard"), purge_step=resume_step + 1)
+
+    def write(self, step: int, record: Mapping[str, Any]) -> None:
+        row = {"step": int(step)}
+        for key, value in record.items():
+            row[key] = np.asarray(value).tolist()
+        self.file.write(json.dumps(row) + "\n")
+        self.file.flush()
+        for key, value in _scalars(record).items():
+            self.tb.add_scalar(key, value, step)
+        if "expert_load" in record:
+            load = np.asarray(record["expert_load"])
+            self.tb.add_histogram("moe/expert_load", load, step)
+            for layer, row_load in enumerate(load):
+                self.tb.add_scalar(
+                    f"moe/imbalance/layer{layer}", float(row_load.max() * load.shape[1]), step
+                )
+
+    def close(self) -> None:
+        self.file.close()
+        self.tb.close()
+
+
+def read_jsonl(path: str | pathlib.Path) -> list[dict]:
+    """The records of a metrics.jsonl, in order."""
+    lines = pathlib.Path(path).read_text().splitlines()
+    return [json.loads(line) for line in lines if line.strip()]
+
+
+def _duration(seconds: float) -> str:
+    if not math.isfinite(seconds):
+        return "?"
+    seconds = int(seconds)
+    h, rem = divmod(seconds, 3600)
+    return f"{h}:{rem // 60:02d}:{rem % 60:02d}" if h else f"{rem // 60}:{rem % 60:02d}"
+
+
+class Progress:
+    """A progress line: rewritten in place on a terminal, one line per update otherwise."""
+
+    def __init__(self, total_steps: int, stream: TextIO | None = None):
+        self.total = total_steps
+        self.stream = stream or sys.stdout
+        self.tty = self.stream.isatty()
+        self.start = time.perf_counter()
+        self.width = 0
+
+    def update(self, step: int, loss: float, tokens_per_s: float, extra: str = "") -> None:
+        elapsed = time.perf_counter() - self.start
+        eta = elapsed / max(step, 1) * (self.total - step) if step else math.nan
+        line = (
+            f"step {step}/{self.total}  loss {loss:.4f}  {tokens_per_s:,.0f} tok/s  "
+            f"elapsed {_duration(elapsed)}  eta {_duration(eta)}{extra}"
+        )
+        if self.tty:
+            self.stream.write("\r" + line.ljust(self.width))
+            self.width = len(line)
+        else:
+            self.stream.write(line + "\n")
+        self.stream.flush()
+
+    def message(self, text: str) -> None:
+        """Print a line without breaking the progress line."""
+        if self.tty and self.width:
+            self.stream.write("\n")
+            self.width = 0
+        self.stream.write(text + "\n")
+        self.stream.flush()
+
+
+def plot_losses(records: list[dict], path: str | pathlib.Path) -> None:
+    """Train and validation loss against the step, as a PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for key, label in (("loss", "train"), ("val_loss", "validation")):
+        points = [(r["step"], r[key]) for r in records if key in r]
+        if points:
+            steps, values = zip(*points, strict=True)
+            ax.plot(steps, values, label=label, marker="o" if key == "val_loss" else None)
+    ax.set_xlabel("step")
+    ax.set_ylabel("cross-entropy (nats/token)")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def summary(records: list[dict], extra: Mapping[str, Any]) -> str:
+    """A few lines: the final train/val loss, perplexity, speed and ``extra``."""
+    last = {}
+    for r in records:
+        last.update(r)
+    rows = [("steps", last.get("step"))]
+    for key in ("loss", "val_loss", "val_ppl", "tokens_per_s", "mfu"):
+        if key in last:
+            rows.append((key, last[key]))
+    rows += list(extra.items())
+    width = max(len(k) for k, _ in rows)
+    fmt = lambda v: f"{v:.4g}" if isinstance(v, float) else str(v)
+    return "\n".join(f"  {k.ljust(width)}  {fmt(v)}" for k, v in rows)

@@ -1,0 +1,505 @@
+"""The trainer: train state, the jitted train and eval steps, and the loop.
+
+``Spec.from_config`` reads every section of a config once and validates it (no
+compile); ``train(spec, workdir)`` runs it; ``plan(spec)`` describes it abstractly
+(``launch.py --dry_run``).
+
+The train state is the NNX model split into parameters and the rest (RNG
+counters), the optimizer state and the step. The step is one jit with explicit
+shardings and the state donated; gradient accumulation is a ``lax.scan`` over
+microbatches inside it. The loop reads values back from the devices only at
+logging, evaluation and checkpoint steps.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+import math
+import pathlib
+import sys
+import time
+from collections.abc import Mapping
+from typing import Any, TextIO
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+from flax import nnx
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
+from polyjax.data import DataConfig, make_pipeline
+from polyjax.model import ModelConfig, Transformer, param_counts
+
+from polyjax import checkpoint as ckpt
+from polyjax import metrics as mx
+from polyjax import optim
+from polyjax import sharding as shd
+
+Batch = Mapping[str, jax.Array]
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+    """The loop. Intervals are in steps (0 disables); ``peak_flops`` is one
+    device's peak FLOP/s for the MFU (0: looked up from the device kind)."""
+
+    steps: int = 1000
+    seed: int = 0
+    log_every: int = 50
+    eval_every: int = 200
+    eval_batches: int = 8
+    checkpoint_every: int = 500
+    keep_checkpoints: int = 3
+    async_checkpoint: bool = True
+    peak_flops: float = 0.0
+
+    def __post_init__(self):
+        positive = ("steps", "log_every", "eval_batches", "keep_checkpoints")
+        for name in positive:
+            if not (isinstance(getattr(self, name), int) and getattr(self, name) >= 1):
+                raise ValueError(
+                    f"train.{name} must be an integer >= 1, got {getattr(self, name)!r}"
+                )
+        for name in ("eval_every", "checkpoint_every"):
+            if not (isinstance(getattr(self, name), int) and getattr(self, name) >= 0):
+                raise ValueError(
+                    f"train.{name} must be an integer >= 0, got {getattr(self, name)!r}"
+                )
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> TrainConfig:
+        names = [f.name for f in dataclasses.fields(cls)]
+        unknown = sorted(set(d) - set(names))
+        if unknown:
+            raise ValueError(f"train: unknown field(s) {unknown}; valid: {', '.join(names)}")
+        return cls(**d)
+
+
+SECTIONS = ("name", "model", "data", "optim", "train", "mesh")
+BATCH_AXES = ("data", "fsdp", "expert")  # the mesh axes the batch is split over
+
+
+@dataclasses.dataclass(frozen=True)
+class Spec:
+    """A validated run: typed configs, the mesh, the plain config (for checkpoints)."""
+
+    name: str
+    model: ModelConfig
+    data: DataConfig
+    optim: optim.OptimConfig
+    train: TrainConfig
+    mesh: jax.sharding.Mesh
+    rules: tuple
+    config: dict
+
+    @classmethod
+    def from_config(cls, config: ml_collections.ConfigDict) -> Spec:
+        """Read and check every section (ValueError naming the field); nothing compiles."""
+        unknown = sorted(set(config.keys()) - set(SECTIONS))
+        if unknown:
+            raise ValueError(f"config: unknown section(s) {unknown}; valid: {', '.join(SECTIONS)}")
+        plain = config.to_dict()
+        model = ModelConfig.from_dict(plain["model"])
+        data = DataConfig.from_dict(plain["data"])
+        mesh = shd.make_mesh(plain["mesh"])
+        shd.validate(model, mesh, data.global_batch)
+        opt = optim.OptimConfig.from_dict(plain["optim"])
+        data_parallel = math.prod(mesh.shape.get(a, 1) for a in BATCH_AXES)
+        if data.global_batch % (data_parallel * opt.grad_accum):
+            raise ValueError(
+                f"data.global_batch={data.global_batch} must be a multiple of the "
+                f"data-parallel size ({data_parallel}) x optim.grad_accum ({opt.grad_accum})"
+            )
+        return cls(
+            name=plain["name"],
+            model=model,
+            data=data,
+            optim=opt,
+            train=TrainConfig.from_dict(plain["train"]),
+            mesh=mesh,
+            rules=shd.DEFAULT_RULES,
+            config=json.loads(json.dumps(plain)),
+        )
+
+
+@flax.struct.dataclass
+class TrainState:
+    step: jax.Array  # int32 scalar: steps done
+    params: nnx.State
+    opt_state: Any
+    rest: nnx.State  # the model's non-parameter state (RNG counters)
+
+
+# ----------------------------------------------------------------------------
+# Pure functions: loss, steps.
+
+
+def cross_entropy_sum(
+    logits_BxLxV: jax.Array, targets_BxL: jax.Array, weights_BxL: jax.Array
+) -> jax.Array:
+    """Sum over tokens of weight x cross-entropy (nats), in fp32."""
+    ce_BxL = optax.softmax_cross_entropy_with_integer_labels(
+        logits_BxLxV.astype(jnp.float32), targets_BxL
+    )
+    return jnp.sum(ce_BxL * weights_BxL)
+
+
+def _forward(graphdef: nnx.GraphDef, params: nnx.State, rest: nnx.State, batch: Batch):
+    model = nnx.merge(graphdef, params, rest, copy=True)  # fresh variables in this trace
+    logits_BxLxV, aux = model(
+        batch["inputs"], positions_BxL=batch["positions"], segment_ids_BxL=batch["segment_ids"]
+    )
+    ce_sum = cross_entropy_sum(logits_BxLxV, batch["targets"], batch["weights"])
+    return ce_sum, aux, nnx.split(model, nnx.Param, ...)[2]
+
+
+def _microbatches(batch: Batch, k: int, sharding: NamedSharding) -> Batch:
+    """[B, ...] -> [k, B/k, ...], microbatch j = rows j, j+k, ... so that every
+    device holds its share of every microbatch."""
+
+    def split(x):
+        x = x.reshape(x.shape[0] // k, k, *x.shape[1:]).swapaxes(0, 1)
+        return jax.lax.with_sharding_constraint(
+            x, NamedSharding(sharding.mesh, P(None, *sharding.spec))
+        )
+
+    return jax.tree.map(split, batch)
+
+
+def train_step(
+    state: TrainState,
+    batch: Batch,
+    *,
+    graphdef: nnx.GraphDef,
+    tx: optax.GradientTransformation,
+    schedule: optax.Schedule,
+    grad_accum: int,
+    batch_sharding: NamedSharding,
+) -> tuple[TrainState, dict[str, jax.Array]]:
+    """One optimizer update on a global batch (split into ``grad_accum``
+    microbatches). Loss = weighted token cross-entropy + the MoE auxiliary loss."""
+    total_weight = jnp.maximum(jnp.sum(batch["weights"]), 1.0)
+
+    def loss(params, rest, mb):
+        ce_sum, aux, rest = _forward(graphdef, params, rest, mb)
+        value = ce_sum / total_weight + aux.get("moe_aux_loss", 0.0) / grad_accum
+        return value, (ce_sum, aux, rest)
+
+    grad_fn = jax.grad(loss, has_aux=True)
+    if grad_accum == 1:
+        grads, (ce_sum, aux, rest) = grad_fn(state.params, state.rest, batch)
+    else:
+
+        def body(carry, mb):
+            grads_acc, rest = carry
+            grads, (ce_sum, aux, rest) = grad_fn(state.params, rest, mb)
+            return (jax.tree.map(jnp.add, grads_acc, grads), rest), (ce_sum, aux)
+
+        zeros = jax.tree.map(jnp.zeros_like, state.params)
+        mbs = _microbatches(batch, grad_accum, batch_sharding)
+        (grads, rest), (ce_sums, auxs) = jax.lax.scan(body, (zeros, state.rest), mbs)
+        ce_sum = jnp.sum(ce_sums)
+        aux = {
+            k: jnp.sum(v, 0) if k == "dropped_tokens" else jnp.mean(v, 0) for k, v in auxs.items()
+        }
+    updates, opt_state = tx.update(grads, state.opt_state, state.params)
+    new_state = TrainState(
+        step=state.step + 1,
+        params=optax.apply_updates(state.params, updates),
+        opt_state=opt_state,
+        rest=rest,
+    )
+    metrics = {
+        "loss": ce_sum / total_weight,
+        "grad_norm": optax.global_norm(grads),
+        "lr": schedule(state.step),
+        **{k: v for k, v in aux.items()},
+    }
+    return new_state, metrics
+
+
+def eval_step(graphdef: nnx.GraphDef, params: nnx.State, rest: nnx.State, batch: Batch):
+    """(sum of weighted cross-entropy, sum of weights) over one batch."""
+    ce_sum, _, _ = _forward(graphdef, params, rest, batch)
+    return ce_sum, jnp.sum(batch["weights"])
+
+
+# ----------------------------------------------------------------------------
+# Shardings and FLOPs.
+
+
+def tree_shardings(tree: Any, mesh: jax.sharding.Mesh, rules) -> Any:
+    """A NamedSharding for every leaf: from the logical ``axes`` of NNX variables
+    (parameters and the optimizer moments that mirror them), replicated otherwise."""
+
+    def one(x):
+        if isinstance(x, nnx.Variable):
+            axes = x.get_metadata().get("axes")
+            spec = shd.logical_to_spec(axes, rules) if axes is not None else P()
+            return x.replace(NamedSharding(mesh, spec))
+        return NamedSharding(mesh, P())
+
+    return jax.tree.map(one, tree, is_leaf=lambda x: isinstance(x, nnx.Variable))
+
+
+def flops_per_token(cfg: ModelConfig) -> float:
+    """Training FLOPs per token: 6 x the active matmul parameters (all but the
+    input embedding) + 12 x layers x d_model x context for attention."""
+    counts = param_counts(cfg)
+    return 6.0 * (counts["active"] - counts["embedding"]) + 12.0 * (
+        cfg.n_layers * cfg.d_model * cfg.max_seq_len
+    )
+
+
+PEAK_FLOPS = {  # bf16 dense peak per device
+    "TPU v4": 275e12,
+    "TPU v5 lite": 197e12,
+    "TPU v5e": 197e12,
+    "TPU v5p": 459e12,
+    "TPU v6 lite": 918e12,
+    "H100": 989e12,
+    "H200": 989e12,
+    "A100": 312e12,
+}
+
+
+def peak_flops(device: jax.Device, configured: float) -> float | None:
+    if configured > 0:
+        return configured
+    return next((v for k, v in PEAK_FLOPS.items() if k in device.device_kind), None)
+
+
+# ----------------------------------------------------------------------------
+# The run.
+
+
+def _global_batch(local: Mapping[str, np.ndarray], sharding: NamedSharding) -> Batch:
+    return {
+        k: jax.make_array_from_process_local_data(sharding, np.asarray(v)) for k, v in local.items()
+    }
+
+
+class Trainer:
+    """Everything a run needs, built from a ``Spec``: the model (sharded), the
+    optimizer, the compiled steps, the data and the checkpointer."""
+
+    def __init__(self, spec: Spec, workdir: str | pathlib.Path):
+        self.spec = spec
+        self.workdir = pathlib.Path(workdir)
+        self.checkpointer = ckpt.Checkpointer(
+            workdir,
+            every=spec.train.checkpoint_every,
+            keep=spec.train.keep_checkpoints,
+            async_save=spec.train.async_checkpoint,
+        )
+        mesh, rules = spec.mesh, spec.rules
+        self.pipeline = make_pipeline(
+            spec.data, process_index=jax.process_index(), process_count=jax.process_count()
+        )
+        vocab = self.pipeline.tokenizer.vocab_size
+        if vocab > spec.model.vocab_size:
+            raise ValueError(
+                f"model.vocab_size={spec.model.vocab_size} is smaller than the tokenizer's "
+                f"vocabulary ({vocab}); set model.vocab_size >= {vocab}"
+            )
+        model = shd.create_model(spec.model, mesh, rules, spec.train.seed)
+        self.graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+        self.eval_graphdef = nnx.split(
+            nnx.view(model, deterministic=True, raise_if_not_found=False), nnx.Param, ...
+        )[0]
+        self.schedule = optim.lr_schedule(spec.optim, spec.train.steps)
+        tx = optim.make_optimizer(spec.optim, spec.train.steps)
+        self.batch_sharding = shd.batch_sharding(mesh)
+        replicated = NamedSharding(mesh, P())
+        opt_abstract = jax.eval_shape(tx.init, params)
+        self.state_shardings = TrainState(
+            step=replicated,
+            params=tree_shardings(params, mesh, rules),
+            opt_state=tree_shardings(opt_abstract, mesh, rules),
+            rest=tree_shardings(rest, mesh, rules),
+        )
+        init = jax.jit(
+            lambda p, r: TrainState(jnp.zeros((), jnp.int32), p, tx.init(p), r),
+            out_shardings=self.state_shardings,
+        )
+        self.state = init(params, rest)
+        self.train_step = jax.jit(
+            functools.partial(
+                train_step,
+                graphdef=self.graphdef,
+                tx=tx,
+                schedule=self.schedule,
+                grad_accum=spec.optim.grad_accum,
+                batch_sharding=self.batch_sharding,
+            ),
+            in_shardings=(self.state_shardings, self.batch_sharding),
+            out_shardings=(self.state_shardings, replicated),
+            donate_argnums=0,
+        )
+        self.eval_step = jax.jit(
+            functools.partial(eval_step, self.eval_graphdef),
+            in_shardings=(
+                self.state_shardings.params,
+                self.state_shardings.rest,
+                self.batch_sharding,
+            ),
+            out_shardings=replicated,
+        )
+        self.data_iter = self.pipeline.train_iter()
+        self.eval_data = [
+            _global_batch(b, self.batch_sharding)
+            for b in self.pipeline.eval_batches(spec.train.eval_batches)
+        ]
+
+    def restore(self, step: int) -> None:
+        self.state, data_state = self.checkpointer.restore(step, self.state)
+        self.data_iter.set_state(data_state)
+
+    def save(self) -> None:
+        self.checkpointer.save(
+            int(self.state.step), self.state, self.data_iter.get_state(), self.spec.config
+        )
+
+    def evaluate(self) -> dict[str, float]:
+        sums = [self.eval_step(self.state.params, self.state.rest, b) for b in self.eval_data]
+        ce, weight = np.sum(jax.device_get(sums), axis=0)
+        loss = float(ce / max(weight, 1.0))
+        return {"val_loss": loss, "val_ppl": math.exp(min(loss, 80.0))}
+
+    def step(self) -> dict[str, jax.Array]:
+        """Train on the next batch; the metrics stay on the devices."""
+        batch = _global_batch(next(self.data_iter), self.batch_sharding)
+        self.state, metrics = self.train_step(self.state, batch)
+        return metrics
+
+
+def prepare_workdir(spec: Spec, workdir: str | pathlib.Path) -> int | None:
+    """The step to resume from (None: a fresh run); refuses (ValueError, nothing
+    touched) a workdir whose checkpoints belong to an incompatible config."""
+    manager_dir = ckpt.directory(workdir)
+    if not manager_dir.exists():
+        return None
+    checkpointer = ckpt.Checkpointer(workdir, every=0, keep=1, async_save=False)
+    try:
+        step = checkpointer.latest_step()
+        if step is not None:
+            ckpt.check_compatible(checkpointer.saved_config(step), spec.config, str(workdir))
+        return step
+    finally:
+        checkpointer.manager.close()
+
+
+def train(spec: Spec, workdir: str | pathlib.Path, out: TextIO | None = None) -> dict[str, Any]:
+    """Run (or resume) ``spec`` in ``workdir``; returns the final metrics."""
+    out = out or sys.stdout
+    primary = jax.process_index() == 0
+    say = (lambda s: print(s, file=out, flush=True)) if primary else (lambda s: None)
+    resume = prepare_workdir(spec, workdir)
+    trainer = Trainer(spec, workdir)
+    tcfg = spec.train
+    try:
+        if resume is not None:
+            trainer.restore(resume)
+            say(f"resumed from {ckpt.directory(workdir)} at step {resume}")
+        start = int(trainer.state.step)
+        writer = mx.Writer(workdir, resume_step=start) if primary else None
+        if primary:
+            (pathlib.Path(workdir) / "config.json").write_text(json.dumps(spec.config, indent=2))
+        progress = mx.Progress(tcfg.steps, out)
+        unigram = trainer.pipeline.unigram_loss()
+        tokens_per_step = spec.data.global_batch * spec.data.seq_len
+        flops_per_step = flops_per_token(spec.model) * tokens_per_step
+        peak = peak_flops(jax.devices()[0], tcfg.peak_flops)
+        say(
+            f"{spec.name}: {tcfg.steps} steps of {tokens_per_step} tokens on "
+            f"{jax.device_count()} {jax.devices()[0].platform} device(s); "
+            f"unigram baseline {unigram:.4f} nats/token"
+        )
+        loss_sum, loss_count, t_last, step_last = 0.0, 0, None, start
+        record: dict[str, Any] = {}
+        for step in range(start + 1, tcfg.steps + 1):
+            metrics = trainer.step()
+            loss_sum, loss_count = loss_sum + metrics["loss"], loss_count + 1
+            if t_last is None:  # the first step compiles: time from its end
+                jax.block_until_ready(metrics)
+                t_last, step_last = time.perf_counter(), step
+            last = step == tcfg.steps
+            log = step % tcfg.log_every == 0 or last
+            evaluate = (tcfg.eval_every and step % tcfg.eval_every == 0) or last
+            if log or evaluate:
+                record = jax.device_get(dict(metrics, loss=loss_sum / loss_count))
+                loss_sum, loss_count = 0.0, 0
+                now = time.perf_counter()
+                if step > step_last:
+                    rate = (step - step_last) * tokens_per_step / (now - t_last)
+                    record["tokens_per_s"] = rate
+                    if peak:
+                        record["mfu"] = (
+                            rate / tokens_per_step * flops_per_step / (peak * jax.device_count())
+                        )
+                    t_last, step_last = now, step
+                if evaluate:
+                    record.update(trainer.evaluate())
+                    t_last = time.perf_counter()  # evaluation is not training time
+                if writer:
+                    writer.write(step, record)
+                    extra = f"  val {record['val_loss']:.4f}" if evaluate else ""
+                    progress.update(
+                        step, float(record["loss"]), record.get("tokens_per_s", 0), extra
+                    )
+            if trainer.checkpointer.due(step) or last:
+                trainer.save()
+        if writer:
+            writer.close()
+            records = mx.read_jsonl(writer.path)
+            mx.plot_losses(records, pathlib.Path(workdir) / mx.PLOT)
+            final = {"unigram_loss": unigram, "workdir": str(workdir)}
+            progress.message("summary:\n" + mx.summary(records, final))
+            record = {**(records[-1] if records else {}), **final}
+            (pathlib.Path(workdir) / "summary.json").write_text(json.dumps(record, indent=2))
+        return {**record, "unigram_loss": unigram}
+    finally:
+        trainer.checkpointer.close()
+
+
+# ----------------------------------------------------------------------------
+# The dry run.
+
+
+def plan(spec: Spec) -> str:
+    """Parameter counts, the mesh and the sharding plan, computed abstractly."""
+    counts = param_counts(spec.model)
+    abstract = nnx.eval_shape(lambda: Transformer(spec.model, rngs=nnx.Rngs(0)))
+    params = nnx.state(abstract, nnx.Param)
+    mesh = spec.mesh
+    lines = [
+        f"config {spec.name}",
+        f"parameters: total {counts['total']:,}  active {counts['active']:,}  "
+        f"embedding {counts['embedding']:,}",
+        f"mesh: {dict(mesh.shape)} over {mesh.devices.size} {jax.devices()[0].platform} device(s)",
+        f"batch: {spec.data.global_batch} x {spec.data.seq_len} tokens, "
+        f"spec {shd.batch_sharding(mesh).spec}, {spec.optim.grad_accum} microbatch(es)",
+        f"training FLOPs/token: {flops_per_token(spec.model):.4g}",
+        "sharding plan (path, shape, dtype, logical axes -> mesh spec):",
+    ]
+    rows = []
+    for path, var in nnx.to_flat_state(params):
+        axes = var.get_metadata().get("axes")
+        spec_ = shd.logical_to_spec(axes, spec.rules) if axes is not None else P()
+        rows.append(
+            (
+                "/".join(map(str, path)),
+                str(tuple(var.shape)),
+                str(var.dtype),
+                str(axes),
+                str(spec_),
+            )
+        )
+    widths = [max(len(r[i]) for r in rows) for i in range(5)]
+    lines += ["  " + "  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)) for r in rows]
+    return "\n".join(lines)
