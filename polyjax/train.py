@@ -216,7 +216,7 @@ def train_step(
     )
     metrics = {
         "loss": ce_sum / total_weight,
-        "grad_norm": optax.global_norm(grads),
+        "grad_norm": optax.tree.norm(grads),
         "lr": schedule(state.step),
         **{k: v for k, v in aux.items()},
     }
