@@ -27,7 +27,7 @@ TRAIN = {
     ),
     "1b": (
         # The paper trains on RedPajama-1T (not in TFDS): point data.source at it.
-        dict(source="tfds:c4:en", tokenizer="bpe", vocab_size=32000, seq_len=4096, global_batch=64),
+        dict(source="tfds:c4/en", tokenizer="bpe", vocab_size=32000, seq_len=4096, global_batch=64),
         dict(lr=3e-4, final_lr=1.5e-5, warmup_steps=5_913),
         dict(
             steps=953_674, log_every=100, eval_every=5_000, eval_batches=32, checkpoint_every=2_000

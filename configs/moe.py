@@ -29,7 +29,7 @@ TRAIN = {
         # The paper's data is not in TFDS: point data.source at it. The final lr is
         # not given by the paper (10% of the peak here).
         dict(
-            source="tfds:c4:en", tokenizer="bpe", vocab_size=50304, seq_len=4096, global_batch=1024
+            source="tfds:c4/en", tokenizer="bpe", vocab_size=50304, seq_len=4096, global_batch=1024
         ),
         dict(lr=4e-4, final_lr=4e-5, warmup_steps=2_503),
         dict(steps=47_684, log_every=20, eval_every=1_000, eval_batches=32, checkpoint_every=500),

@@ -33,7 +33,7 @@ from flax import nnx
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 from polyjax.data import DataConfig, make_pipeline
-from polyjax.model import ModelConfig, Transformer, param_counts
+from polyjax.model import ModelConfig, param_counts
 
 from polyjax import checkpoint as ckpt
 from polyjax import metrics as mx
@@ -81,7 +81,6 @@ class TrainConfig:
 
 
 SECTIONS = ("name", "model", "data", "optim", "train", "mesh")
-BATCH_AXES = ("data", "fsdp", "expert")  # the mesh axes the batch is split over
 
 
 @dataclasses.dataclass(frozen=True)
@@ -109,7 +108,7 @@ class Spec:
         mesh = shd.make_mesh(plain["mesh"])
         shd.validate(model, mesh, data.global_batch)
         opt = optim.OptimConfig.from_dict(plain["optim"])
-        data_parallel = math.prod(mesh.shape.get(a, 1) for a in BATCH_AXES)
+        data_parallel = math.prod(mesh.shape[a] for a in shd.batch_sharding(mesh).spec[0])
         if data.global_batch % (data_parallel * opt.grad_accum):
             raise ValueError(
                 f"data.global_batch={data.global_batch} must be a multiple of the "
@@ -233,18 +232,18 @@ def eval_step(graphdef: nnx.GraphDef, params: nnx.State, rest: nnx.State, batch:
 # Shardings and FLOPs.
 
 
-def tree_shardings(tree: Any, mesh: jax.sharding.Mesh, rules) -> Any:
-    """A NamedSharding for every leaf: from the logical ``axes`` of NNX variables
-    (parameters and the optimizer moments that mirror them), replicated otherwise."""
-
-    def one(x):
-        if isinstance(x, nnx.Variable):
-            axes = x.get_metadata().get("axes")
-            spec = shd.logical_to_spec(axes, rules) if axes is not None else P()
-            return x.replace(NamedSharding(mesh, spec))
-        return NamedSharding(mesh, P())
-
-    return jax.tree.map(one, tree, is_leaf=lambda x: isinstance(x, nnx.Variable))
+def opt_shardings(opt_state: Any, mesh: jax.sharding.Mesh, rules) -> Any:
+    """The optimizer state's shardings: the moments (NNX states mirroring the
+    parameters) as the parameters, everything else (counts) replicated."""
+    return jax.tree.map(
+        lambda x: (
+            shd.model_shardings(x, mesh, rules)
+            if isinstance(x, nnx.State)
+            else NamedSharding(mesh, P())
+        ),
+        opt_state,
+        is_leaf=lambda x: isinstance(x, nnx.State),
+    )
 
 
 def flops_per_token(cfg: ModelConfig) -> float:
@@ -319,9 +318,9 @@ class Trainer:
         opt_abstract = jax.eval_shape(tx.init, params)
         self.state_shardings = TrainState(
             step=replicated,
-            params=tree_shardings(params, mesh, rules),
-            opt_state=tree_shardings(opt_abstract, mesh, rules),
-            rest=tree_shardings(rest, mesh, rules),
+            params=shd.model_shardings(params, mesh, rules),
+            opt_state=opt_shardings(opt_abstract, mesh, rules),
+            rest=shd.model_shardings(rest, mesh, rules),
         )
         init = jax.jit(
             lambda p, r: TrainState(jnp.zeros((), jnp.int32), p, tx.init(p), r),
@@ -474,32 +473,17 @@ def train(spec: Spec, workdir: str | pathlib.Path, out: TextIO | None = None) ->
 def plan(spec: Spec) -> str:
     """Parameter counts, the mesh and the sharding plan, computed abstractly."""
     counts = param_counts(spec.model)
-    abstract = nnx.eval_shape(lambda: Transformer(spec.model, rngs=nnx.Rngs(0)))
-    params = nnx.state(abstract, nnx.Param)
     mesh = spec.mesh
-    lines = [
-        f"config {spec.name}",
-        f"parameters: total {counts['total']:,}  active {counts['active']:,}  "
-        f"embedding {counts['embedding']:,}",
-        f"mesh: {dict(mesh.shape)} over {mesh.devices.size} {jax.devices()[0].platform} device(s)",
-        f"batch: {spec.data.global_batch} x {spec.data.seq_len} tokens, "
-        f"spec {shd.batch_sharding(mesh).spec}, {spec.optim.grad_accum} microbatch(es)",
-        f"training FLOPs/token: {flops_per_token(spec.model):.4g}",
-        "sharding plan (path, shape, dtype, logical axes -> mesh spec):",
-    ]
-    rows = []
-    for path, var in nnx.to_flat_state(params):
-        axes = var.get_metadata().get("axes")
-        spec_ = shd.logical_to_spec(axes, spec.rules) if axes is not None else P()
-        rows.append(
-            (
-                "/".join(map(str, path)),
-                str(tuple(var.shape)),
-                str(var.dtype),
-                str(axes),
-                str(spec_),
-            )
-        )
-    widths = [max(len(r[i]) for r in rows) for i in range(5)]
-    lines += ["  " + "  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)) for r in rows]
-    return "\n".join(lines)
+    return "\n".join(
+        [
+            f"config {spec.name}",
+            f"parameters: total {counts['total']:,}  active {counts['active']:,}  "
+            f"embedding {counts['embedding']:,}",
+            f"devices: {mesh.devices.size} x {jax.devices()[0].device_kind}",
+            f"batch: {spec.data.global_batch} x {spec.data.seq_len} tokens, "
+            f"{shd.batch_sharding(mesh).spec}, {spec.optim.grad_accum} microbatch(es)",
+            f"training FLOPs/token: {flops_per_token(spec.model):.4g}",
+            "sharding plan (parameter, shape, logical axes -> mesh axes):",
+            shd.describe(spec.model, mesh, spec.rules),
+        ]
+    )

@@ -98,6 +98,20 @@ def logical_to_spec(axes, rules):
     return P(*(table.get(a) for a in axes))
 
 
+def model_shardings(state, mesh, rules):
+    def one(var):
+        axes = var.get_metadata().get("axes")
+        return var.replace(
+            NamedSharding(mesh, P() if axes is None else logical_to_spec(axes, rules))
+        )
+
+    return jax.tree.map(one, state, is_leaf=lambda x: isinstance(x, nnx.Variable))
+
+
+def describe(cfg, mesh, rules):
+    return f"mesh {dict(mesh.shape)}\n  P("
+
+
 def create_model(cfg, mesh, rules, seed):
     return Transformer(cfg, rngs=nnx.Rngs(seed))
 
@@ -205,10 +219,12 @@ def install() -> None:
             "create_model",
             "batch_sharding",
             "validate",
+            "model_shardings",
+            "describe",
         ],
         "polyjax.data": ["DataConfig", "make_pipeline", "Pipeline"],
     }.items():
-        if importlib.util.find_spec(name) is None and name not in sys.modules:
+        if name not in sys.modules and importlib.util.find_spec(name) is None:
             mod = types.ModuleType(name)
             for a in attrs:
                 setattr(mod, a, globals()[a])
