@@ -84,8 +84,8 @@ def _duration(seconds: float) -> str:
 class Progress:
     """A progress line: rewritten in place on a terminal, one line per update otherwise."""
 
-    def __init__(self, total_steps: int, stream: TextIO | None = None):
-        self.total = total_steps
+    def __init__(self, total_steps: int, start_step: int = 0, stream: TextIO | None = None):
+        self.total, self.start_step = total_steps, start_step
         self.stream = stream or sys.stdout
         self.tty = self.stream.isatty()
         self.start = time.perf_counter()
@@ -93,7 +93,8 @@ class Progress:
 
     def update(self, step: int, loss: float, tokens_per_s: float, extra: str = "") -> None:
         elapsed = time.perf_counter() - self.start
-        eta = elapsed / max(step, 1) * (self.total - step) if step else math.nan
+        done = step - self.start_step
+        eta = elapsed / done * (self.total - step) if done > 0 else math.nan
         line = (
             f"step {step}/{self.total}  loss {loss:.4f}  {tokens_per_s:,.0f} tok/s  "
             f"elapsed {_duration(elapsed)}  eta {_duration(eta)}{extra}"

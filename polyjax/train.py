@@ -105,6 +105,10 @@ class Spec:
         plain = config.to_dict()
         model = ModelConfig.from_dict(plain["model"])
         data = DataConfig.from_dict(plain["data"])
+        if data.seq_len > model.max_seq_len:
+            raise ValueError(
+                f"data.seq_len={data.seq_len} exceeds model.max_seq_len={model.max_seq_len}"
+            )
         mesh = shd.make_mesh(plain["mesh"])
         shd.validate(model, mesh, data.global_batch)
         opt = optim.OptimConfig.from_dict(plain["optim"])
@@ -246,12 +250,12 @@ def opt_shardings(opt_state: Any, mesh: jax.sharding.Mesh, rules) -> Any:
     )
 
 
-def flops_per_token(cfg: ModelConfig) -> float:
+def flops_per_token(cfg: ModelConfig, seq_len: int) -> float:
     """Training FLOPs per token: 6 x the active matmul parameters (all but the
-    input embedding) + 12 x layers x d_model x context for attention."""
+    input embedding) + 12 x layers x d_model x seq_len for attention."""
     counts = param_counts(cfg)
     return 6.0 * (counts["active"] - counts["embedding"]) + 12.0 * (
-        cfg.n_layers * cfg.d_model * cfg.max_seq_len
+        cfg.n_layers * cfg.d_model * seq_len
     )
 
 
@@ -409,10 +413,10 @@ def train(spec: Spec, workdir: str | pathlib.Path, out: TextIO | None = None) ->
         writer = mx.Writer(workdir, resume_step=start) if primary else None
         if primary:
             (pathlib.Path(workdir) / "config.json").write_text(json.dumps(spec.config, indent=2))
-        progress = mx.Progress(tcfg.steps, out)
+        progress = mx.Progress(tcfg.steps, start, out)
         unigram = trainer.pipeline.unigram_loss()
         tokens_per_step = spec.data.global_batch * spec.data.seq_len
-        flops_per_step = flops_per_token(spec.model) * tokens_per_step
+        flops_per_step = flops_per_token(spec.model, spec.data.seq_len) * tokens_per_step
         peak = peak_flops(jax.devices()[0], tcfg.peak_flops)
         say(
             f"{spec.name}: {tcfg.steps} steps of {tokens_per_step} tokens on "
@@ -482,7 +486,7 @@ def plan(spec: Spec) -> str:
             f"devices: {mesh.devices.size} x {jax.devices()[0].device_kind}",
             f"batch: {spec.data.global_batch} x {spec.data.seq_len} tokens, "
             f"{shd.batch_sharding(mesh).spec}, {spec.optim.grad_accum} microbatch(es)",
-            f"training FLOPs/token: {flops_per_token(spec.model):.4g}",
+            f"training FLOPs/token: {flops_per_token(spec.model, spec.data.seq_len):.4g}",
             "sharding plan (parameter, shape, logical axes -> mesh axes):",
             shd.describe(spec.model, mesh, spec.rules),
         ]

@@ -1,0 +1,49 @@
+"""Metrics: JSONL + TensorBoard records, resume truncation, progress line, plot."""
+
+import io
+
+import numpy as np
+
+from polyjax import metrics as mx
+
+
+class Tty(io.StringIO):
+    def isatty(self):
+        return True
+
+
+def test_writer_records_and_truncates_on_resume(tmp_path):
+    w = mx.Writer(tmp_path)
+    for step in (1, 2, 3):
+        w.write(step, {"loss": np.float32(step), "expert_load": np.full((2, 4), 0.25)})
+    w.close()
+    records = mx.read_jsonl(tmp_path / mx.JSONL)
+    assert [r["loss"] for r in records] == [1.0, 2.0, 3.0]
+    assert records[0]["expert_load"] == [[0.25] * 4] * 2
+    assert any((tmp_path / "tensorboard").iterdir())
+    mx.Writer(tmp_path, resume_step=2).close()  # a resume from step 2 forgets step 3
+    assert [r["step"] for r in mx.read_jsonl(tmp_path / mx.JSONL)] == [1, 2]
+
+
+def test_progress_plain_and_tty():
+    plain = io.StringIO()
+    p = mx.Progress(10, stream=plain)
+    p.update(5, 2.5, 1000.0)
+    p.update(10, 2.0, 1000.0)
+    lines = plain.getvalue().splitlines()
+    assert len(lines) == 2 and lines[0].startswith("step 5/10  loss 2.5000  1,000 tok/s")
+    tty = Tty()
+    p = mx.Progress(10, stream=tty)
+    p.update(5, 2.5, 1000.0)
+    p.update(10, 2.0, 1000.0)
+    p.message("done")
+    text = tty.getvalue()
+    assert text.count("\r") == 2 and text.endswith("\ndone\n")
+
+
+def test_plot_and_summary(tmp_path):
+    records = [{"step": 1, "loss": 3.0}, {"step": 2, "loss": 2.0, "val_loss": 2.5}]
+    mx.plot_losses(records, tmp_path / "loss.png")
+    assert (tmp_path / "loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    text = mx.summary(records, {"unigram_loss": 4.0})
+    assert "val_loss      2.5" in text and "unigram_loss  4" in text
