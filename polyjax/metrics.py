@@ -63,8 +63,9 @@ class Writer:
                 )
 
     def close(self) -> None:
-        self.file.close()
-        self.tb.close()
+        if not self.file.closed:
+            self.file.close()
+            self.tb.close()
 
 
 def read_jsonl(path: str | pathlib.Path) -> list[dict]:

@@ -405,6 +405,7 @@ def train(spec: Spec, workdir: str | pathlib.Path, out: TextIO | None = None) ->
     resume = prepare_workdir(spec, workdir)
     trainer = Trainer(spec, workdir)
     tcfg = spec.train
+    writer = None
     try:
         if resume is not None:
             trainer.restore(resume)
@@ -467,6 +468,8 @@ def train(spec: Spec, workdir: str | pathlib.Path, out: TextIO | None = None) ->
             (pathlib.Path(workdir) / "summary.json").write_text(json.dumps(record, indent=2))
         return {**record, "unigram_loss": unigram}
     finally:
+        if writer:
+            writer.close()
         trainer.checkpointer.close()
 
 
