@@ -12,20 +12,23 @@ from polyjax.model import preset
 from polyjax.config import base_config, parse_arg
 
 TRAIN = {
-    # size: (data, optim, train, mesh)
+    # size: (model, data, optim, train, mesh) changes to the preset and the defaults
     "tiny": (
+        dict(vocab_size=264),  # the byte tokenizer's 257, rounded up to a multiple of 8
         dict(source="shakespeare", tokenizer="byte", seq_len=64, global_batch=8),
         dict(lr=1e-3, final_lr=1e-4, warmup_steps=10),
         dict(steps=100, log_every=10, eval_every=50, eval_batches=2, checkpoint_every=50),
         dict(data=-1),
     ),
     "small": (
+        dict(),
         dict(source="shakespeare", tokenizer="bpe", vocab_size=1024, seq_len=256, global_batch=32),
         dict(lr=1e-3, final_lr=1e-4, warmup_steps=100),
         dict(steps=3000, log_every=50, eval_every=500, eval_batches=8, checkpoint_every=500),
         dict(data=-1),
     ),
     "1b": (
+        dict(),
         # The paper's data is not in TFDS: point data.source at it. The final lr is
         # not given by the paper (10% of the peak here).
         dict(
@@ -43,7 +46,8 @@ def get_config(arg: str = ""):
     if a["size"] not in TRAIN:
         raise ValueError(f"size={a['size']!r}: valid sizes are {', '.join(TRAIN)}")
     cfg = base_config(f"moe-{a['act']}-{a['size']}", preset("moe", a["size"], a["act"]))
-    data, optim, train, mesh = TRAIN[a["size"]]
+    model, data, optim, train, mesh = TRAIN[a["size"]]
+    cfg.model.update(model)
     cfg.data.update(data)
     cfg.optim.update(optim)
     cfg.train.update(train)

@@ -116,8 +116,11 @@ class Progress:
         self.stream.flush()
 
 
-def plot_losses(records: list[dict], path: str | pathlib.Path) -> None:
-    """Train and validation loss against the step, as a PNG."""
+def plot_losses(
+    records: list[dict], path: str | pathlib.Path, baseline: float | None = None
+) -> None:
+    """Train and validation loss against the step, as a PNG; ``baseline`` (the
+    unigram loss) as a dashed line."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -129,6 +132,8 @@ def plot_losses(records: list[dict], path: str | pathlib.Path) -> None:
         if points:
             steps, values = zip(*points, strict=True)
             ax.plot(steps, values, label=label, marker="o" if key == "val_loss" else None)
+    if baseline is not None:
+        ax.axhline(baseline, color="gray", linestyle="--", label="unigram baseline")
     ax.set_xlabel("step")
     ax.set_ylabel("cross-entropy (nats/token)")
     ax.grid(alpha=0.3)

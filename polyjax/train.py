@@ -461,7 +461,7 @@ def train(spec: Spec, workdir: str | pathlib.Path, out: TextIO | None = None) ->
         if writer:
             writer.close()
             records = mx.read_jsonl(writer.path)
-            mx.plot_losses(records, pathlib.Path(workdir) / mx.PLOT)
+            mx.plot_losses(records, pathlib.Path(workdir) / mx.PLOT, baseline=unigram)
             final = {"unigram_loss": unigram, "workdir": str(workdir)}
             progress.message("summary:\n" + mx.summary(records, final))
             record = {**(records[-1] if records else {}), **final}

@@ -43,7 +43,7 @@ def test_progress_plain_and_tty():
 
 def test_plot_and_summary(tmp_path):
     records = [{"step": 1, "loss": 3.0}, {"step": 2, "loss": 2.0, "val_loss": 2.5}]
-    mx.plot_losses(records, tmp_path / "loss.png")
+    mx.plot_losses(records, tmp_path / "loss.png", baseline=4.0)
     assert (tmp_path / "loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     text = mx.summary(records, {"unigram_loss": 4.0})
     assert "val_loss      2.5" in text and "unigram_loss  4" in text
