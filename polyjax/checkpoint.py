@@ -63,6 +63,17 @@ def check_compatible(saved: Mapping[str, Any], current: Mapping[str, Any], where
             )
 
 
+def latest(workdir: str | pathlib.Path) -> tuple[int, dict[str, Any]] | None:
+    """The newest complete checkpoint's step and config, or None. Reads files only
+    (no collective), so processes may call it at different moments."""
+    root = directory(workdir)
+    steps = ocp.path.step.checkpoint_steps(root) if root.is_dir() else []
+    if not steps:
+        return None
+    step = max(steps)
+    return step, json.loads((root / str(step) / "config" / "metadata").read_text())
+
+
 def _gather_json(obj: Any) -> list[Any]:
     """Every process's ``obj`` (JSON-serialisable), in process order."""
     if jax.process_count() == 1:
@@ -122,14 +133,6 @@ class Checkpointer:
                 max_to_keep=keep, enable_async_checkpointing=async_save, create=True
             ),
         )
-
-    def latest_step(self) -> int | None:
-        return self.manager.latest_step()
-
-    def saved_config(self, step: int) -> dict[str, Any]:
-        return self.manager.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore()))[
-            "config"
-        ]
 
     def due(self, step: int) -> bool:
         return self.every > 0 and step % self.every == 0

@@ -384,17 +384,12 @@ class Trainer:
 def prepare_workdir(spec: Spec, workdir: str | pathlib.Path) -> int | None:
     """The step to resume from (None: a fresh run); refuses (ValueError, nothing
     touched) a workdir whose checkpoints belong to an incompatible config."""
-    manager_dir = ckpt.directory(workdir)
-    if not manager_dir.exists():
+    found = ckpt.latest(workdir)
+    if found is None:
         return None
-    checkpointer = ckpt.Checkpointer(workdir, every=0, keep=1, async_save=False)
-    try:
-        step = checkpointer.latest_step()
-        if step is not None:
-            ckpt.check_compatible(checkpointer.saved_config(step), spec.config, str(workdir))
-        return step
-    finally:
-        checkpointer.manager.close()
+    step, saved = found
+    ckpt.check_compatible(saved, spec.config, str(workdir))
+    return step
 
 
 def train(spec: Spec, workdir: str | pathlib.Path, out: TextIO | None = None) -> dict[str, Any]:

@@ -35,7 +35,7 @@ def test_round_trip_keeps_last_k(tmp_path):
     saver.save(6, _state(99), {"index": 99}, CONFIG)  # already saved: left as it is
     saver.close()
     loader = ckpt.Checkpointer(tmp_path, every=2, keep=2, async_save=False)
-    assert loader.manager.all_steps() == [4, 6] and loader.latest_step() == 6
+    assert loader.manager.all_steps() == [4, 6] and ckpt.latest(tmp_path) == (6, CONFIG)
     state, data = loader.restore(6, _state(0))
     expected = _state(6)
     assert data == {"index": 6}
@@ -45,9 +45,14 @@ def test_round_trip_keeps_last_k(tmp_path):
     np.testing.assert_array_equal(
         jax.random.key_data(state["rng"]), jax.random.key_data(expected["rng"])
     )
-    assert loader.saved_config(6) == CONFIG
     assert loader.due(4) and not loader.due(3)
     loader.close()
+
+
+def test_latest_of_an_empty_workdir(tmp_path):
+    assert ckpt.latest(tmp_path) is None
+    (tmp_path / "checkpoints").mkdir()
+    assert ckpt.latest(tmp_path) is None
 
 
 def test_compatible_ignores_runtime_fields():

@@ -64,8 +64,10 @@ def test_grad_accumulation_equals_the_big_batch(tmp_path):
     (s1, m1), (s2, m2) = (t.train_step(t.state, batch) for t in trainers)
     np.testing.assert_allclose(m1["loss"], m2["loss"], rtol=1e-6)
     np.testing.assert_allclose(m1["grad_norm"], m2["grad_norm"], rtol=1e-5)
+    # Adam's first step is ~ lr * sign(g): tolerate a thousandth of a step where g ~ 0
+    atol = 1e-3 * trainers[0].spec.optim.lr
     for a, b in zip(jax.tree.leaves(s1.params), jax.tree.leaves(s2.params), strict=True):
-        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7)
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=atol)
     assert int(s1.step) == int(s2.step) == 1
     for t in trainers:
         t.checkpointer.close()
