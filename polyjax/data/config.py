@@ -25,7 +25,7 @@ class DataConfig:
       val_fraction of the documents.
     tokenizer: "bpe" (byte-level BPE trained on the training documents, cached), "byte", or a
       path to a SentencePiece .model or a Hugging Face tokenizer.json. tokens: sources carry
-      their own tokenizer and need the default here.
+      their own tokenizer: the default accepts it, "byte" or a path must match it.
     document_boundaries: segment ids and positions restart at each document; otherwise the
       packed sequence is one segment with running positions.
     cache_dir: trained tokenizers and tokenised corpora; "" = $POLYJAX_CACHE or
@@ -56,11 +56,6 @@ class DataConfig:
             )
         if kind != "tfds" and self.split != "train":
             raise ValueError(f"split={self.split!r} applies to tfds sources only; use 'train'")
-        if kind == "tokens" and self.tokenizer != "bpe":
-            raise ValueError(
-                f"tokenizer={self.tokenizer!r}: tokens: sources carry the tokenizer they were "
-                "written with; leave tokenizer at its default"
-            )
         if (
             self.val_split is not None
             and kind != "tfds"

@@ -151,6 +151,13 @@ def _spans(cfg: DataConfig) -> tuple[object, packing.Span, packing.Span, str]:
     if kind == "tokens":
         train_store = store.TokenStore(rest)
         tok = train_store.tokenizer()
+        if cfg.tokenizer != "bpe":
+            asked = tokenizers.make_tokenizer(cfg.tokenizer, vocab_size=cfg.vocab_size)
+            if asked.fingerprint != tok.fingerprint:
+                raise ValueError(
+                    f"tokenizer={cfg.tokenizer!r} is not the tokenizer {rest} was written with "
+                    "(leave tokenizer at its default 'bpe' to use the store's)"
+                )
         if cfg.val_split is None:
             span = packing.Span(train_store)
             cut = packing.split_tail(span, cfg.val_fraction, tok.eos_id)

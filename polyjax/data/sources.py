@@ -147,9 +147,12 @@ def check_array_record(path: str) -> int:
         count = reader.num_records()
         reader.close()
     except RuntimeError as e:
-        raise ValueError(f"{path} is not a readable ArrayRecord file ({e})") from None
+        detail = str(e) or "unreadable footer"
+        raise ValueError(
+            f"{path}: corrupt, truncated or empty ArrayRecord file ({detail})"
+        ) from None
     if count == 0:
-        raise ValueError(f"{path} holds no records: the ArrayRecord file is empty or truncated")
+        raise ValueError(f"{path}: corrupt, truncated or empty ArrayRecord file (no records)")
     return count
 
 
