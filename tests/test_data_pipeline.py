@@ -131,6 +131,13 @@ def test_process_shares_are_disjoint_cover_the_global_batch_and_read_only_their_
                 assert shares[p][b][k].shape[0] == 16 // count
                 rebuilt[p::count] = shares[p][b][k]  # rows p, p+P, ...: disjoint, covering
             np.testing.assert_array_equal(rebuilt, single[b][k])
+    # A state saved by one process resumes on P processes at the same global batch.
+    state = make_pipeline(_cfg(corpus)).train_iter()
+    next(state)
+    for p in range(count):
+        it = make_pipeline(_cfg(corpus), process_index=p, process_count=count).train_iter()
+        it.set_state(state.get_state())
+        np.testing.assert_array_equal(next(it)["inputs"], single[1]["inputs"][p::count])
 
 
 def test_packing_keeps_every_token_once_in_full_windows(corpus):

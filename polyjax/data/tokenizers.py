@@ -9,6 +9,7 @@ import hashlib
 import os
 import pathlib
 import shutil
+import sys
 import tempfile
 import time
 from collections.abc import Iterator, Sequence
@@ -165,7 +166,8 @@ def make_tokenizer(
             return HFTokenizer(path)
         start = time.perf_counter()
         tok = train_bpe(_prefix(corpus, BPE_MAX_TRAIN_CHARS), vocab_size, path)
-        print(f"trained BPE {vocab_size} in {time.perf_counter() - start:.1f}s -> {path}")
+        elapsed = time.perf_counter() - start
+        print(f"trained BPE {vocab_size} in {elapsed:.1f}s -> {path}", file=sys.stderr)
         return tok
     if spec.endswith(".model"):
         return SentencePieceTokenizer(spec)
