@@ -36,7 +36,11 @@ class ShardedOps:
         return [PartitionSpec() if c.size == 1 else rows for c in cols]
 
     def _smap(self, fn, in_specs, out_specs):
-        return jax.shard_map(fn, mesh=self.mesh, in_specs=in_specs, out_specs=out_specs)
+        # check_vma=False: pallas_call outputs carry no varying-axes type; the
+        # per-row results are replicated over ``axis`` by the psum.
+        return jax.shard_map(
+            fn, mesh=self.mesh, in_specs=in_specs, out_specs=out_specs, check_vma=False
+        )
 
     def forward(
         self, x: Array, up: Array | None, w: Cols, b: Array, eps: float
