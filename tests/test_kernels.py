@@ -148,6 +148,8 @@ def test_sharded_matches_unsharded(impl, kw, gated):
     x = jax.random.normal(jax.random.key(10), (4, 3, 64))
     up = jax.random.normal(jax.random.key(11), (4, 3, 64))
     w, b = _coeffs(3)
+    if not gated:  # per-row (per-expert) coefficients, sharded like x's rows
+        w, b = jax.random.normal(jax.random.key(12), (4, 1, 3)) / 3, jnp.full((4, 1, 1), 0.2)
     spec = P("data", None, "tensor")
 
     def f(x, up, w, b):
