@@ -3,14 +3,11 @@ build abstractly with the paper's parameter counts."""
 
 import pathlib
 
-import _stubs
 import pytest
 
-_stubs.install()
-
-from polyjax import activations as acts  # noqa: E402
-from polyjax import config as pc  # noqa: E402
-from polyjax import train  # noqa: E402
+from polyjax import activations as acts
+from polyjax import config as pc
+from polyjax import train
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 

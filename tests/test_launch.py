@@ -3,13 +3,13 @@
 import importlib.util
 import pathlib
 
-import _stubs
+import numpy as np
 import pytest
 
-_stubs.install()
-
-from polyjax import config as pc  # noqa: E402
-from polyjax import metrics as mx  # noqa: E402
+from polyjax import checkpoint as ckpt
+from polyjax import config as pc
+from polyjax import metrics as mx
+from polyjax import train
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 _spec = importlib.util.spec_from_file_location("launch", ROOT / "launch.py")
@@ -22,7 +22,7 @@ TINY = [
     "--config.train.log_every=1",
     "--config.train.eval_batches=1",
     "--config.data.seq_len=16",
-    "--config.data.global_batch=4",
+    "--config.data.global_batch=8",
 ]
 
 
@@ -75,7 +75,12 @@ def test_override_and_sweep(tmp_path, capsys):
 
 
 def test_incompatible_workdir_is_refused_untouched(tmp_path, capsys):
-    assert launch.main([*TINY, f"--workdir={tmp_path}"]) == 0
+    cfg = pc.load(TINY[0].partition("=")[2])
+    for flag in TINY[1:]:
+        pc.override(cfg, *flag.removeprefix("--config.").split("="))
+    saver = ckpt.Checkpointer(tmp_path, every=1, keep=1, async_save=False)
+    saver.save(1, {"w": np.zeros(2)}, {}, train.Spec.from_config(cfg).config)
+    saver.close()
     before = {p: p.stat().st_mtime_ns for p in tmp_path.rglob("*")}
     one_line_error(
         capsys,
