@@ -94,7 +94,7 @@ def lr_schedule(cfg: OptimConfig, total_steps: int) -> optax.Schedule:
 def decay_mask(params: nnx.State) -> nnx.State:
     """True where weight decay applies: matrices (rank >= 2) that are not NoDecayParam."""
     return jax.tree.map(
-        lambda v: v.replace(not isinstance(v, NoDecayParam) and v[...].ndim >= 2),
+        lambda v: v.replace(not isinstance(v, NoDecayParam) and v.get_value().ndim >= 2),
         params,
         is_leaf=lambda x: isinstance(x, nnx.Variable),
     )

@@ -11,6 +11,7 @@ from flax import nnx
 from polyjax import optim
 from polyjax.activations import ActivationConfig
 from polyjax.layers import FFN, NoDecayParam
+from polyjax.model import ModelConfig, Transformer, preset
 
 
 def test_schedule_matches_hand_values():
@@ -52,6 +53,23 @@ def test_decay_mask_excludes_coefficients_norms_and_biases():
         "ffn/w_in": True,
         "ffn/w_out": True,
     }
+
+
+def test_decay_mask_on_the_transformer():
+    cfg = ModelConfig.from_dict(preset("dense", "tiny", "polynorm"))
+    params = nnx.state(nnx.eval_shape(lambda: Transformer(cfg, rngs=nnx.Rngs(0))), nnx.Param)
+    decayed = {
+        "/".join(map(str, path))
+        for path, v in nnx.to_flat_state(optim.decay_mask(params))
+        if v.get_value()
+    }
+    every = {"/".join(map(str, path)) for path, _ in nnx.to_flat_state(params)}
+    assert decayed == {
+        p
+        for p in every
+        if p.split("/")[-1] in ("embed", "head", "w_in", "w_out", "w_q", "w_k", "w_v", "w_o")
+    }
+    assert any("coeffs" in p for p in every - decayed) and any("norm" in p for p in every - decayed)
 
 
 def _one_step(cfg, params, grads):
