@@ -8,8 +8,11 @@ import subprocess
 import sys
 
 import jax
+import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
+from flax import nnx
 
 from polyjax import config as pc
 from polyjax import metrics as mx
@@ -139,9 +142,44 @@ def test_two_processes_match_one(tmp_path):
         )
         for i in range(2)
     ]
-    train.train(train.Spec.from_config(tiny_config(**{"train.steps": 3})), tmp_path / "one")
-    outs = [p.communicate(timeout=300)[0] for p in procs]
+    try:
+        train.train(train.Spec.from_config(tiny_config(**{"train.steps": 3})), tmp_path / "one")
+        outs = [p.communicate(timeout=300)[0] for p in procs]
+    finally:
+        for p in procs:  # a hung collective ignores SIGTERM
+            p.kill()
     assert [p.returncode for p in procs] == [0, 0], outs[0][-2000:] + outs[1][-2000:]
     two, single = losses(tmp_path / "two"), losses(tmp_path / "one")
     assert [s for s, _ in two] == [1, 2, 3]
     np.testing.assert_allclose([v for _, v in two], [v for _, v in single], rtol=1e-5)
+
+
+def test_moe_aux_loss_is_in_the_gradient_and_logged(tmp_path):
+    cfg = tiny_config(**{"train.steps": 1})
+    moe = pc.load(f"{ROOT}/configs/moe.py:size=tiny")
+    with cfg.unlocked():
+        cfg.model = moe.model
+    pc.override(cfg, "model.moe.lb_coef", "10.0")  # make the term visible
+    trainer = train.Trainer(train.Spec.from_config(cfg), tmp_path)
+    batch = train._global_batch(next(trainer.data_iter), trainer.batch_sharding)
+    graphdef, params, rest = trainer.graphdef, trainer.state.params, trainer.state.rest
+
+    def reference(params, with_aux):
+        model = nnx.merge(graphdef, params, rest, copy=True)
+        logits, aux = model(
+            batch["inputs"], positions_BxL=batch["positions"], segment_ids_BxL=batch["segment_ids"]
+        )
+        logp = jax.nn.log_softmax(logits)
+        ce = -jnp.take_along_axis(logp, batch["targets"][..., None], -1)[..., 0]
+        loss = jnp.sum(ce * batch["weights"]) / jnp.sum(batch["weights"])
+        return loss + aux["moe_aux_loss"] if with_aux else loss
+
+    grad = jax.jit(lambda p, a: optax.tree.norm(jax.grad(reference)(p, a)), static_argnums=1)
+    norms = [float(grad(params, a)) for a in (True, False)]
+    _, metrics = trainer.train_step(trainer.state, batch)
+    trainer.checkpointer.close()
+    assert float(metrics["grad_norm"]) == pytest.approx(norms[0], rel=1e-4)
+    assert norms[1] != pytest.approx(norms[0], rel=1e-3)
+    assert metrics["expert_load"].shape == (cfg.model.n_layers, cfg.model.moe.num_experts)
+    for key in ("moe_aux_loss", "moe_lb_loss", "moe_z_loss", "dropped_tokens"):
+        assert metrics[key].shape == ()
