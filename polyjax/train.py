@@ -32,13 +32,13 @@ import optax
 from flax import nnx
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
-from polyjax.data import DataConfig, make_pipeline
-from polyjax.model import ModelConfig, param_counts
 
 from polyjax import checkpoint as ckpt
 from polyjax import metrics as mx
 from polyjax import optim
 from polyjax import sharding as shd
+from polyjax.data import DataConfig, make_pipeline
+from polyjax.model import ModelConfig, param_counts
 
 Batch = Mapping[str, jax.Array]
 
@@ -103,8 +103,8 @@ class Spec:
         if unknown:
             raise ValueError(f"config: unknown section(s) {unknown}; valid: {', '.join(SECTIONS)}")
         plain = config.to_dict()
-        model = ModelConfig.from_dict(plain["model"])
-        data = DataConfig.from_dict(plain["data"])
+        model = _section("model", ModelConfig.from_dict, plain["model"])
+        data = _section("data", DataConfig.from_dict, plain["data"])
         if data.seq_len > model.max_seq_len:
             raise ValueError(
                 f"data.seq_len={data.seq_len} exceeds model.max_seq_len={model.max_seq_len}"
@@ -128,6 +128,15 @@ class Spec:
             rules=shd.DEFAULT_RULES,
             config=json.loads(json.dumps(plain)),
         )
+
+
+def _section(name: str, build, d: Mapping[str, Any]):
+    """``build(d)``, its ValueError prefixed with the section's name."""
+    try:
+        return build(d)
+    except ValueError as e:
+        msg = str(e)
+        raise ValueError(msg if msg.startswith(f"{name}") else f"{name}: {msg}") from None
 
 
 @flax.struct.dataclass
