@@ -106,7 +106,7 @@ def test_sharded_loss_and_grads_equal_single_device(family):
         graphdef, state = nnx.split(model)
         shardings = sh.model_shardings(state, mesh)
         step = jax.jit(
-            lambda s, t: nnx.value_and_grad(loss_fn)(nnx.merge(graphdef, s), t),
+            lambda s, t, g=graphdef: nnx.value_and_grad(loss_fn)(nnx.merge(g, s), t),
             in_shardings=(shardings, sh.batch_sharding(mesh)),
         )
         loss, grads = step(state, jax.device_put(tok, sh.batch_sharding(mesh)))
