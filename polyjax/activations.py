@@ -368,7 +368,9 @@ def apply(
     if name == "swiglu":
         return swiglu(x, up)
     if name == "polynorm_glu":
-        return _polynorm_dispatch(cfg, x, weight, bias) * up
+        from polyjax import kernels
+
+        return kernels.polynorm_glu(x, up, weight, bias, cfg.eps, impl=cfg.kernel)
     if name == "polynorm":
         return _polynorm_dispatch(cfg, x, weight, bias)
     if name == "polyrelu":
@@ -393,18 +395,18 @@ def apply(
 
 
 def _polynorm_dispatch(cfg: ActivationConfig, x: Array, weight: Array, bias: Array) -> Array:
-    _require_xla(cfg)
-    return polynorm(x, weight, bias, cfg.eps)
+    """PolyNorm through ``polyjax.kernels`` (a custom VJP saving only x and the
+    per-row statistics), implementation chosen by ``cfg.kernel``."""
+    from polyjax import kernels  # imports this module
+
+    return kernels.polynorm(x, weight, bias, cfg.eps, impl=cfg.kernel)
 
 
 def _polyrelu_dispatch(cfg: ActivationConfig, x: Array, weight: Array, bias: Array) -> Array:
-    _require_xla(cfg)
-    return polyrelu(x, weight, bias)
+    """PolyReLU through ``polyjax.kernels`` (a custom VJP saving only x)."""
+    from polyjax import kernels
 
-
-def _require_xla(cfg: ActivationConfig) -> None:
-    if cfg.kernel != "xla":
-        raise NotImplementedError(f"activation.kernel={cfg.kernel!r}: only 'xla' exists yet")
+    return kernels.polyrelu(x, weight, bias, impl=cfg.kernel)
 
 
 def ffn_width(base_width: int, gated: bool, multiple_of: int = 1) -> int:

@@ -1,0 +1,6 @@
+"""The input pipeline: sources, tokenizers, token stores, packing and the Grain stream."""
+
+from polyjax.data.config import DataConfig, check_context
+from polyjax.data.pipeline import Pipeline, TrainIterator, make_pipeline
+
+__all__ = ["DataConfig", "Pipeline", "TrainIterator", "check_context", "make_pipeline"]
