@@ -7,6 +7,8 @@ axes. Parameters that must not be weight-decayed are ``NoDecayParam``.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import jax
 import jax.numpy as jnp
 from flax import nnx
@@ -25,6 +27,16 @@ class NoDecayParam(nnx.Param):
 def trunc_normal(std: float) -> nnx.Initializer:
     """Normal(0, std) truncated at 3 standard deviations."""
     return nnx.initializers.truncated_normal(std, lower=-3.0, upper=3.0)
+
+
+Shard = Callable[[Array, tuple[str | None, ...]], Array]
+"""Constrains an activation to the sharding of its logical axis names
+(``polyjax.sharding.ActivationSharding``); ``no_shard`` leaves it alone."""
+
+
+def no_shard(x: Array, axes: tuple[str | None, ...]) -> Array:
+    del axes
+    return x
 
 
 class PolyCoeffs(nnx.Module):
@@ -99,9 +111,11 @@ class FFN(nnx.Module):
         init: nnx.Initializer,
         dtype: jnp.dtype = jnp.float32,
         param_dtype: jnp.dtype = jnp.float32,
+        shard: Shard | None = None,
         rngs: nnx.Rngs,
     ):
         self.dtype = dtype
+        self.shard = no_shard if shard is None else shard
         self.gated = act.spec.gated
         shape_in, shape_out = (d_model, d_ff), (d_ff, d_model)
         self.w_in = nnx.Param(init(rngs.params(), shape_in, param_dtype), axes=("embed", "mlp"))
@@ -117,5 +131,145 @@ class FFN(nnx.Module):
             u_BxLxF = jnp.einsum("bld,df->blf", x_BxLxD, self.w_up[...].astype(self.dtype))
             h_BxLxF = self.act(h_BxLxF, u_BxLxF)
         else:
-            h_BxLxF = self.act(h_BxLxF)
+            h_BxLxF = self.act(self.shard(h_BxLxF, ("batch", "length", "mlp")))
+        h_BxLxF = self.shard(h_BxLxF, ("batch", "length", "mlp"))
         return jnp.einsum("blf,fd->bld", h_BxLxF, self.w_out[...].astype(self.dtype))
+
+
+# ----------------------------------------------------------------------------
+# Norms, RoPE and attention.
+
+
+def rms_norm(x: Array, scale: Array, eps: float) -> Array:
+    """x * rsqrt(mean(x^2) + eps) * scale, the mean over the trailing ``scale.ndim``
+    axes, in fp32; returned in x's dtype."""
+    axes = tuple(range(x.ndim - scale.ndim, x.ndim))
+    x32 = x.astype(jnp.float32)
+    inv = jax.lax.rsqrt(jnp.mean(jnp.square(x32), axis=axes, keepdims=True) + eps)
+    return (x32 * inv * scale.astype(jnp.float32)).astype(x.dtype)
+
+
+class RMSNorm(nnx.Module):
+    """RMS normalisation over the trailing axes of ``shape``, with a learnable gain
+    (no decay) whose logical axes are ``axes``."""
+
+    def __init__(
+        self,
+        shape: tuple[int, ...],
+        axes: tuple[str | None, ...],
+        *,
+        eps: float,
+        param_dtype: jnp.dtype = jnp.float32,
+    ):
+        self.eps = eps
+        self.scale = NoDecayParam(jnp.ones(shape, param_dtype), axes=axes)
+
+    def __call__(self, x: Array) -> Array:
+        return rms_norm(x, self.scale[...], self.eps)
+
+
+def rope(x_BxLxHxK: Array, positions_BxL: Array, theta: float) -> Array:
+    """Rotary position embedding (rotate-half layout: the first and second halves
+    of each head form the pairs), angles in fp32, returned in x's dtype."""
+    half = x_BxLxHxK.shape[-1] // 2
+    freq_K2 = theta ** (-jnp.arange(half, dtype=jnp.float32) / half)
+    angle_BxLx1xK2 = (positions_BxL.astype(jnp.float32)[..., None] * freq_K2)[:, :, None, :]
+    sin, cos = jnp.sin(angle_BxLx1xK2), jnp.cos(angle_BxLx1xK2)
+    x32 = x_BxLxHxK.astype(jnp.float32)
+    x1, x2 = x32[..., :half], x32[..., half:]
+    out = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
+    return out.astype(x_BxLxHxK.dtype)
+
+
+ATTENTION_IMPLS = ("auto", "xla", "cudnn")
+
+
+def causal_attention(
+    q_BxLxHxK: Array,
+    k_BxLxGxK: Array,
+    v_BxLxGxK: Array,
+    segment_ids_BxL: Array | None = None,
+    impl: str = "auto",
+) -> Array:
+    """Causal (grouped-query) attention through ``jax.nn.dot_product_attention``;
+    tokens attend only within their segment when ``segment_ids_BxL`` is given.
+
+    ``impl``: "xla", "cudnn" (flash attention), or "auto": cuDNN on GPU for 16-bit
+    inputs, falling back to XLA when cuDNN rejects the shapes.
+    """
+    mask = None
+    if segment_ids_BxL is not None:
+        mask = segment_ids_BxL[:, None, :, None] == segment_ids_BxL[:, None, None, :]
+
+    def run(implementation):
+        return jax.nn.dot_product_attention(
+            q_BxLxHxK,
+            k_BxLxGxK,
+            v_BxLxGxK,
+            mask=mask,
+            is_causal=True,
+            implementation=implementation,
+        )
+
+    if impl != "auto":
+        return run(impl)
+    if jax.default_backend() == "gpu" and q_BxLxHxK.dtype in (jnp.bfloat16, jnp.float16):
+        try:
+            return run("cudnn")
+        except (ValueError, NotImplementedError, RuntimeError):
+            pass
+    return run("xla")
+
+
+class Attention(nnx.Module):
+    """Causal multi-head attention with grouped KV heads, RoPE and optional QK-norm
+    (OLMoE style: RMSNorm over the whole query/key projection). No biases."""
+
+    def __init__(
+        self,
+        d_model: int,
+        n_heads: int,
+        n_kv_heads: int,
+        *,
+        qk_norm: bool,
+        rope_theta: float,
+        norm_eps: float,
+        init: nnx.Initializer,
+        impl: str = "auto",
+        dtype: jnp.dtype = jnp.float32,
+        param_dtype: jnp.dtype = jnp.float32,
+        shard: Shard = no_shard,
+        rngs: nnx.Rngs,
+    ):
+        head_dim = d_model // n_heads
+        self.rope_theta, self.impl, self.dtype, self.shard = rope_theta, impl, dtype, shard
+        axes_in = ("embed", "heads", "kv")
+        q_shape, kv_shape = (d_model, n_heads, head_dim), (d_model, n_kv_heads, head_dim)
+        self.w_q = nnx.Param(init(rngs.params(), q_shape, param_dtype), axes=axes_in)
+        self.w_k = nnx.Param(init(rngs.params(), kv_shape, param_dtype), axes=axes_in)
+        self.w_v = nnx.Param(init(rngs.params(), kv_shape, param_dtype), axes=axes_in)
+        o_shape = (n_heads, head_dim, d_model)
+        self.w_o = nnx.Param(
+            init(rngs.params(), o_shape, param_dtype), axes=("heads", "kv", "embed")
+        )
+        norm = lambda shape: RMSNorm(shape, ("heads", "kv"), eps=norm_eps, param_dtype=param_dtype)
+        self.q_norm = norm(q_shape[1:]) if qk_norm else None
+        self.k_norm = norm(kv_shape[1:]) if qk_norm else None
+
+    def __call__(
+        self, x_BxLxD: Array, positions_BxL: Array, segment_ids_BxL: Array | None = None
+    ) -> Array:
+        x_BxLxD = x_BxLxD.astype(self.dtype)
+        proj = lambda w: jnp.einsum("bld,dhk->blhk", x_BxLxD, w[...].astype(self.dtype))
+        q_BxLxHxK, k_BxLxGxK, v_BxLxGxK = proj(self.w_q), proj(self.w_k), proj(self.w_v)
+        if self.q_norm is not None:
+            q_BxLxHxK, k_BxLxGxK = self.q_norm(q_BxLxHxK), self.k_norm(k_BxLxGxK)
+        q_BxLxHxK = rope(q_BxLxHxK, positions_BxL, self.rope_theta)
+        k_BxLxGxK = rope(k_BxLxGxK, positions_BxL, self.rope_theta)
+        axes = ("batch", "length", "heads", "kv")
+        q_BxLxHxK, k_BxLxGxK, v_BxLxGxK = (
+            self.shard(t, axes) for t in (q_BxLxHxK, k_BxLxGxK, v_BxLxGxK)
+        )
+        o_BxLxHxK = causal_attention(q_BxLxHxK, k_BxLxGxK, v_BxLxGxK, segment_ids_BxL, self.impl)
+        o_BxLxHxK = self.shard(o_BxLxHxK, axes)
+        return jnp.einsum("blhk,hkd->bld", o_BxLxHxK, self.w_o[...].astype(self.dtype))
