@@ -178,11 +178,15 @@ def _write(out: pathlib.Path, ranks: dict, sims: dict, n_seeds: int) -> None:
         "| arm | mean off-diagonal similarity |",
         "|---|---|",
     ]
-    fig, axes = plt.subplots(1, len(sims), figsize=(4 * len(sims), 3.6), squeeze=False)
+    fig, axes = plt.subplots(
+        1, len(sims), figsize=(3.2 * len(sims) + 1, 3.4), squeeze=False, layout="constrained"
+    )
     for ax, (arm, s) in zip(axes[0], sims.items(), strict=True):
         off = s[~np.eye(len(s), dtype=bool)]
         md.append(f"| {arm} | {off.mean():.3f} |")
         im = ax.imshow(s, vmin=0, vmax=1, cmap="viridis")
+        ax.set_xticks(range(len(s)))
+        ax.set_yticks(range(len(s)))
         ax.set_title(arm)
         ax.set_xlabel("layer")
         ax.set_ylabel("layer")
