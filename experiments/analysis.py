@@ -3,13 +3,14 @@ cosine similarity of the hidden states of every pair of layers, from the trained
 checkpoints of the ``activations`` study (trained first if they are missing).
 
 Writes erank.csv, erank.md, erank.png, similarity.md and similarity.png into the
-output folder; the runs live in <out>/runs.
+output folder (the activations study's table and curves go to <out>/activations).
 """
 
 from __future__ import annotations
 
 import csv
 import io
+import json
 import pathlib
 from collections.abc import Sequence
 
@@ -93,14 +94,23 @@ def main(
 
     out = pathlib.Path(out)
     acts = STUDIES["activations"]
-    study.run(acts, out / "runs", scale=scale, seeds=seeds, extra=extra)
+    study.run(
+        acts,
+        out / "activations",
+        scale=scale,
+        seeds=seeds,
+        extra=extra,
+        runs_root=out.parent / "_runs",
+    )
+    index = json.loads((out / "activations" / "runs.json").read_text())
     ranks: dict[str, dict[str, np.ndarray]] = {}
     sims: dict[str, np.ndarray] = {}
     for arm in acts.arms:
         per_seed_ranks, per_seed_sims = [], []
         for seed in seeds:
             spec = Spec.from_config(acts.config(arm, scale, seed, extra))
-            model, batches = load_trained(spec, out / "runs" / arm.label / f"seed{seed}")
+            workdir = pathlib.Path(index[f"{arm.label}/seed{seed}"])
+            model, batches = load_trained(spec, workdir)
             per_seed_ranks.append(ffn_ranks(model))
             per_seed_sims.append(hidden_similarity(model, batches))
         ranks[arm.label] = {k: np.stack([r[k] for r in per_seed_ranks]) for k in per_seed_ranks[0]}

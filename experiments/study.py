@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import csv
 import dataclasses
+import hashlib
 import io
 import json
 import math
@@ -86,6 +87,15 @@ class Study:
         return cfg
 
 
+def run_dir(runs_root: pathlib.Path, arm: Arm, cfg) -> pathlib.Path:
+    """Where a run lives: keyed by its whole config (its name aside), so that studies
+    sharing an arm (PolyReLU r=3 is in four of them) train it once."""
+    plain = cfg.to_dict()
+    plain.pop("name")
+    digest = hashlib.sha256(json.dumps(plain, sort_keys=True).encode()).hexdigest()[:10]
+    return runs_root / f"{arm.label.replace('=', '')}-{digest}" / f"seed{plain['train']['seed']}"
+
+
 def run(
     study: Study,
     out: str | pathlib.Path,
@@ -93,29 +103,32 @@ def run(
     scale: str = "cpu",
     seeds: Sequence[int] = (0, 1, 2),
     extra: Sequence[tuple[str, str]] = (),
+    runs_root: str | pathlib.Path | None = None,
 ) -> list[dict]:
-    """Train every arm for every seed (skipping finished runs), then write the table
-    and plots into ``out``; returns the table's rows."""
+    """Train every arm for every seed (skipping finished runs) under ``runs_root``
+    (default: the ``_runs`` folder beside ``out``), then write the table and plots
+    into ``out``; returns the table's rows."""
     from polyjax.train import Spec, train
 
     out = pathlib.Path(out)
-    configs = [
-        (arm, seed, study.config(arm, scale, seed, extra)) for arm in study.arms for seed in seeds
-    ]
-    specs = [(arm, seed, Spec.from_config(cfg)) for arm, seed, cfg in configs]  # fail early
-    for i, (arm, seed, spec) in enumerate(specs):
-        workdir = out / arm.label / f"seed{seed}"
+    root = pathlib.Path(runs_root) if runs_root else out.parent / "_runs"
+    planned = []
+    for arm in study.arms:
+        for seed in seeds:
+            cfg = study.config(arm, scale, seed, extra)
+            planned.append((arm, seed, Spec.from_config(cfg), run_dir(root, arm, cfg)))
+    for i, (arm, seed, spec, workdir) in enumerate(planned):
+        tag = f"[{i + 1}/{len(planned)}] {arm.label} seed {seed}"
         if (workdir / "summary.json").exists():
-            print(f"[{i + 1}/{len(specs)}] {arm.label} seed {seed}: done before", flush=True)
+            print(f"{tag}: done before ({workdir})", flush=True)
             continue
         workdir.mkdir(parents=True, exist_ok=True)
         with open(workdir / "train.log", "a") as log:
             result = train(spec, workdir, out=log)
-        print(
-            f"[{i + 1}/{len(specs)}] {arm.label} seed {seed}: "
-            f"val loss {result.get('val_loss', float('nan')):.4f}",
-            flush=True,
-        )
+        print(f"{tag}: val loss {result.get('val_loss', float('nan')):.4f}", flush=True)
+    out.mkdir(parents=True, exist_ok=True)
+    index = {f"{arm.label}/seed{seed}": str(workdir) for arm, seed, _, workdir in planned}
+    (out / "runs.json").write_text(json.dumps(index, indent=2))
     return report(study, out, seeds)
 
 
@@ -138,8 +151,11 @@ def report(study: Study, out: str | pathlib.Path, seeds: Sequence[int]) -> list[
     and the three curves of the paper's figures (training loss, validation loss,
     validation perplexity), from the runs' metrics.jsonl files."""
     out = pathlib.Path(out)
+    index = json.loads((out / "runs.json").read_text())
     runs = {
-        (arm.label, s): _curves(out / arm.label / f"seed{s}") for arm in study.arms for s in seeds
+        (arm.label, s): _curves(pathlib.Path(index[f"{arm.label}/seed{s}"]))
+        for arm in study.arms
+        for s in seeds
     }
     final = {key: {k: c[k][1][-1] for k in c} for key, c in runs.items()}
     rows = []

@@ -83,13 +83,16 @@ def test_study_smoke_runs_tabulates_and_resumes(tmp_path):
         (study.Arm("relu", f"{DENSE}:act=relu"), study.Arm("polynorm", f"{DENSE}:act=polynorm")),
         reference="relu",
     )
-    rows = study.run(s, tmp_path, scale="toy", seeds=(0, 1))
+    rows = study.run(s, tmp_path / "smoke", scale="toy", seeds=(0, 1))
     assert [r["arm"] for r in rows] == ["relu", "polynorm"]
     assert rows[0]["delta_val_loss"] == 0.0 and rows[1]["seeds"] == 2
-    for name in ("table.md", "table.csv", "curves.png"):
-        assert (tmp_path / name).stat().st_size > 0
+    for name in ("table.md", "table.csv", "curves.png", "runs.json"):
+        assert (tmp_path / "smoke" / name).stat().st_size > 0
     # seeds differ (the spread is real), and a second call reruns nothing
     assert rows[1]["val_loss_std"] > 0
-    mtime = (tmp_path / "relu" / "seed0" / "metrics.jsonl").stat().st_mtime
-    study.run(s, tmp_path, scale="toy", seeds=(0, 1))
-    assert (tmp_path / "relu" / "seed0" / "metrics.jsonl").stat().st_mtime == mtime
+    runs = sorted((tmp_path / "_runs").glob("*/seed*/metrics.jsonl"))
+    assert len(runs) == 4
+    mtimes = [p.stat().st_mtime for p in runs]
+    again = study.Study("again", "Again", "none", s.arms[1:], reference="polynorm")
+    study.run(again, tmp_path / "again", scale="toy", seeds=(0, 1))
+    assert [p.stat().st_mtime for p in runs] == mtimes
