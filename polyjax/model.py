@@ -259,7 +259,10 @@ class Transformer(nnx.Module):
         *,
         positions_BxL: Array | None = None,
         segment_ids_BxL: Array | None = None,
+        return_hidden: bool = False,
     ) -> tuple[Array, dict[str, Array]]:
+        """Logits and the aux terms; ``return_hidden`` adds aux["hidden_states"],
+        the embedding output and every block's output, (n_layers + 1) x B x L x D."""
         cfg = self.cfg
         dt = DTYPES[cfg.dtype]
         batch, seq_len = tokens_BxL.shape
@@ -269,9 +272,11 @@ class Transformer(nnx.Module):
             positions_BxL = jnp.broadcast_to(jnp.arange(seq_len), (batch, seq_len))
         x_BxLxD = jnp.take(self.embed[...], tokens_BxL, axis=0).astype(dt)
         x_BxLxD = self.shard(x_BxLxD, ("batch", "length", "act_embed"))
+        x0_BxLxD = x_BxLxD
 
         def layer(block: Block, x_BxLxD: Array):
-            return block(x_BxLxD, positions_BxL, segment_ids_BxL)
+            y_BxLxD, stats = block(x_BxLxD, positions_BxL, segment_ids_BxL)
+            return y_BxLxD, ({**stats, "hidden": y_BxLxD} if return_hidden else stats)
 
         if cfg.remat != "none":
             layer = nnx.remat(layer, policy=REMAT_POLICIES[cfg.remat], prevent_cse=False)
@@ -285,6 +290,9 @@ class Transformer(nnx.Module):
                 per_layer.append(s)
             stats = jax.tree.map(lambda *a: jnp.stack(a), *per_layer)
 
+        aux = self._aux(stats)
+        if return_hidden:
+            aux["hidden_states"] = jnp.concatenate([x0_BxLxD[None], stats["hidden"]])
         h_BxLxD = self.final_norm(x_BxLxD)
         logits_BxLxV = jnp.einsum(
             "bld,dv->blv",
@@ -293,7 +301,7 @@ class Transformer(nnx.Module):
             preferred_element_type=jnp.float32,
         )
         logits_BxLxV = self.shard(logits_BxLxV, ("batch", "length", "vocab"))
-        return logits_BxLxV, self._aux(stats)
+        return logits_BxLxV, aux
 
     def _aux(self, stats: dict[str, Array]) -> dict[str, Array]:
         """The MoE terms for the trainer (layer means of the losses); {} if dense."""

@@ -21,3 +21,78 @@ def test_theory_smoke(tmp_path):
 def test_loglog_slope_recovers_a_power_law():
     p = np.array([10, 100, 1000])
     assert abs(theory.loglog_slope(list(p), list(3.0 * p**-1.5)) + 1.5) < 1e-9
+
+
+def _tiny_model(scan_layers=False):
+    from flax import nnx
+
+    from polyjax.model import ModelConfig, Transformer, preset
+
+    cfg = ModelConfig.from_dict({**preset("dense", "tiny", "polynorm"), "scan_layers": scan_layers})
+    return Transformer(cfg, rngs=nnx.Rngs(0))
+
+
+def test_hidden_states_are_the_residual_stream():
+    import jax.numpy as jnp
+
+    model = _tiny_model()
+    tokens = jnp.arange(24).reshape(2, 12) % 200
+    logits, aux = model(tokens, return_hidden=True)
+    h = aux["hidden_states"]
+    assert h.shape == (model.cfg.n_layers + 1, 2, 12, model.cfg.d_model)
+    want = model.final_norm(h[-1]) @ model.head[...]
+    np.testing.assert_allclose(logits, want, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(h[0], model.embed[...][tokens], rtol=1e-6)
+    scanned = _tiny_model(scan_layers=True)
+    _, aux_s = scanned(tokens, return_hidden=True)
+    assert aux_s["hidden_states"].shape == h.shape
+
+
+def test_ffn_ranks_and_similarity_of_a_model():
+    import jax.numpy as jnp
+
+    from experiments import analysis
+    from polyjax.analysis import effective_rank
+
+    model = _tiny_model()
+    ranks = analysis.ffn_ranks(model)
+    assert set(ranks) == {"w_in", "w_out"} and len(ranks["w_in"]) == model.cfg.n_layers
+    assert ranks["w_in"][1] == effective_rank(model.layers[1].ffn.w_in[...])
+    scanned = analysis.ffn_ranks(_tiny_model(scan_layers=True))
+    assert len(scanned["w_out"]) == model.cfg.n_layers
+    tokens = jnp.arange(32).reshape(2, 16) % 200
+    batch = {
+        "inputs": tokens,
+        "positions": jnp.broadcast_to(jnp.arange(16), (2, 16)),
+        "segment_ids": jnp.ones((2, 16), jnp.int32),
+        "weights": jnp.ones((2, 16)),
+    }
+    sim = analysis.hidden_similarity(model, [batch])
+    assert sim.shape == (model.cfg.n_layers + 1,) * 2
+    np.testing.assert_allclose(np.diag(sim), 1.0, rtol=1e-5)
+
+
+def test_study_smoke_runs_tabulates_and_resumes(tmp_path):
+    from experiments import study
+    from experiments.studies import DENSE
+
+    s = study.Study(
+        "smoke",
+        "Smoke",
+        "none",
+        (study.Arm("relu", f"{DENSE}:act=relu"), study.Arm("polynorm", f"{DENSE}:act=polynorm")),
+        reference="relu",
+    )
+    rows = study.run(s, tmp_path / "smoke", scale="toy", seeds=(0, 1))
+    assert [r["arm"] for r in rows] == ["relu", "polynorm"]
+    assert rows[0]["delta_val_loss"] == 0.0 and rows[1]["seeds"] == 2
+    for name in ("table.md", "table.csv", "curves.png", "runs.json"):
+        assert (tmp_path / "smoke" / name).stat().st_size > 0
+    # seeds differ (the spread is real), and a second call reruns nothing
+    assert rows[1]["val_loss_std"] > 0
+    runs = sorted((tmp_path / "_runs").glob("*/seed*/metrics.jsonl"))
+    assert len(runs) == 4
+    mtimes = [p.stat().st_mtime for p in runs]
+    again = study.Study("again", "Again", "none", s.arms[1:], reference="polynorm")
+    study.run(again, tmp_path / "again", scale="toy", seeds=(0, 1))
+    assert [p.stat().st_mtime for p in runs] == mtimes

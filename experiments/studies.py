@@ -1,0 +1,63 @@
+"""The paper's training studies, by name: each a set of arms compared over seeds.
+
+python launch.py --experiment order   # or composition, relu_variants, activations, moe
+"""
+
+from __future__ import annotations
+
+import pathlib
+
+from experiments.study import Arm, Study
+
+CONFIGS = pathlib.Path(__file__).resolve().parent.parent / "configs"
+DENSE = str(CONFIGS / "dense.py")
+MOE = str(CONFIGS / "moe.py")
+
+
+def _act(label: str, family: str = DENSE) -> Arm:
+    return Arm(label, f"{family}:act={label}")
+
+
+STUDIES = {
+    s.name: s
+    for s in [
+        Study(
+            "order",
+            "Order of PolyReLU",
+            "Figure 5a, Figure 8",
+            tuple(
+                Arm(f"r={r}", f"{DENSE}:act=polyrelu", (("model.activation.order", str(r)),))
+                for r in (1, 2, 3, 4)
+            ),
+            reference="r=3",
+        ),
+        Study(
+            "composition",
+            "Composition function",
+            "Figure 5b, Figure 9",
+            tuple(_act(a) for a in ("polyrelu", "polyprelu", "polynorm", "polyrelu_norm")),
+            reference="polyrelu",
+        ),
+        Study(
+            "relu_variants",
+            "ReLU variants",
+            "Figure 5c, Figure 10",
+            tuple(_act(a) for a in ("relu", "relu2", "polyrelu")),
+            reference="polyrelu",
+        ),
+        Study(
+            "activations",
+            "Activations at equal parameters (dense)",
+            "Figure 1, Table 1",
+            tuple(_act(a) for a in ("swiglu", "gelu", "relu", "polyrelu", "polynorm")),
+            reference="swiglu",
+        ),
+        Study(
+            "moe",
+            "MoE experts: SwiGLU vs PolyNorm",
+            "Figure 3, Table 2",
+            tuple(_act(a, MOE) for a in ("swiglu", "polynorm")),
+            reference="swiglu",
+        ),
+    ]
+}
