@@ -4,6 +4,7 @@
     python launch.py --config configs/dense.py:act=polyrelu,size=small --config.optim.lr=1e-3
     python launch.py --config configs/dense.py --sweep model.activation.order=1,2,3,4
     python launch.py --config configs/moe.py:size=1b --dry_run
+    python launch.py --experiment order --seeds 0,1,2     # a study of the paper (experiments/)
     python launch.py ... --coordinator 10.0.0.1:1234 --num_processes 2 --process_id 0
 
 Bad input (a misspelt field, an unknown activation, an impossible mesh, a
@@ -37,6 +38,13 @@ def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[tuple[str, str
         help="field=v1,v2,...: one run per value (several --sweep: the product)",
     )
     parser.add_argument("--dry_run", action="store_true", help="print the plan, do not train")
+    parser.add_argument(
+        "--experiment",
+        help="run a study of the paper by name (see experiments/run.py); "
+        "--config.* overrides apply to each of its runs",
+    )
+    parser.add_argument("--scale", default="cpu", help="with --experiment: toy, cpu or paper")
+    parser.add_argument("--seeds", default="0,1,2", help="with --experiment: seeds")
     parser.add_argument("--coordinator", help="host:port of process 0 (multi-host)")
     parser.add_argument("--num_processes", type=int)
     parser.add_argument("--process_id", type=int)
@@ -97,6 +105,8 @@ def runs(base, workdir: str | None, sweeps: list[str]):
 
 def main(argv: list[str] | None = None) -> int:
     args, overrides = parse_args(sys.argv[1:] if argv is None else argv)
+    if args.experiment:
+        return experiment(args, overrides)
     try:
         init_distributed(args)
         from polyjax import config as pc
@@ -118,6 +128,28 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{train.plan(spec)}\nworkdir {workdir}\n")
         else:
             train.train(spec, workdir)
+    return 0
+
+
+def experiment(args: argparse.Namespace, overrides: list[tuple[str, str]]) -> int:
+    """``--experiment NAME``: the study's runs, table and plots under the workdir."""
+    from experiments import run
+
+    if args.experiment not in run.NAMES:
+        print(
+            f"launch.py: error: unknown experiment {args.experiment!r}; "
+            f"valid: {', '.join(run.NAMES)}",
+            file=sys.stderr,
+        )
+        return 2
+    argv = [args.experiment, "--scale", args.scale, "--seeds", args.seeds]
+    if args.workdir:
+        argv += ["--out", args.workdir]
+    try:
+        run.main(argv, extra=overrides)
+    except ValueError as e:
+        print(f"launch.py: error: {str(e).splitlines()[0]}", file=sys.stderr)
+        return 2
     return 0
 
 

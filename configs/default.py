@@ -2,9 +2,8 @@
 Shakespeare corpus with a BPE tokenizer, a few minutes on 2 CPU cores, to a
 validation loss well below the unigram baseline."""
 
-from polyjax.model import preset
-
 from polyjax.config import base_config
+from polyjax.model import preset
 
 
 def get_config(arg: str = ""):

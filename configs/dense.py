@@ -7,9 +7,8 @@ size: tiny (seconds on a CPU), small (minutes on a CPU) or 1b (the paper: 24
 layers, d_model 2048, 250B tokens of 64 x 4096, lr 3e-4 -> 1.5e-5).
 """
 
-from polyjax.model import preset
-
 from polyjax.config import base_config, parse_arg
+from polyjax.model import preset
 
 TRAIN = {
     # size: (model, data, optim, train, mesh) changes to the preset and the defaults

@@ -7,9 +7,8 @@ size: tiny, small, or 1b (OLMoE-1B-7B: 16 layers, 64 experts top-8, 200B tokens
 of 1024 x 4096, lr 4e-4, warmup 10.5B tokens).
 """
 
-from polyjax.model import preset
-
 from polyjax.config import base_config, parse_arg
+from polyjax.model import preset
 
 TRAIN = {
     # size: (model, data, optim, train, mesh) changes to the preset and the defaults

@@ -151,7 +151,6 @@ def base_config(name: str, model: Mapping[str, Any]) -> ConfigDict:
     Config files start from this and set what they change."""
     from polyjax.data import DataConfig
     from polyjax.model import ModelConfig
-
     from polyjax.optim import OptimConfig
     from polyjax.train import TrainConfig
 
