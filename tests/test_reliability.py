@@ -8,6 +8,7 @@ import random
 import signal
 import subprocess
 import sys
+import threading
 import time
 
 import jax
@@ -70,42 +71,59 @@ def _launch(workdir, run):
     return subprocess.Popen(cmd, cwd=ROOT, env=env, stderr=subprocess.PIPE, text=True)
 
 
-@pytest.mark.parametrize("signum", [signal.SIGKILL, signal.SIGTERM])
-def test_killed_run_resumes_to_the_same_result(tmp_path, signum, capsys):
-    """A launch.py process killed at a random moment after its first checkpoint,
-    then relaunched, ends with the uninterrupted run's losses and parameters, bit
-    for bit. SIGKILL loses at most the steps since the last checkpoint; SIGTERM
-    none: it saves at the step it stopped and exits 143 with the resume command."""
-    run = {"train.steps": 150, "train.checkpoint_every": 20, "train.keep_checkpoints": 2}
-    proc = _launch(tmp_path / "cut", run)
+def _kill_after_first_checkpoint(proc, workdir, signum, seed):
+    first = ckpt.directory(workdir) / "20"
+    while not first.is_dir() and proc.poll() is None:
+        time.sleep(0.02)
+    time.sleep(random.Random(seed).uniform(0.0, 0.5))
+    proc.send_signal(signum)
+
+
+def test_killed_runs_resume_to_the_same_result(tmp_path, capsys):
+    """launch.py processes killed at a random moment after their first checkpoint
+    (SIGKILL, SIGTERM), then relaunched with the same command, end with the
+    uninterrupted run's losses and parameters, bit for bit. SIGKILL loses at most
+    the steps since the last checkpoint; SIGTERM none: it saves at the step it
+    stopped and exits 143 with the command that resumes."""
+    run = {"train.steps": 80, "train.checkpoint_every": 20, "train.keep_checkpoints": 2}
+    seed = random.randrange(1 << 30)
+    cuts = {signum: tmp_path / signum.name for signum in (signal.SIGKILL, signal.SIGTERM)}
+    procs = {signum: _launch(workdir, run) for signum, workdir in cuts.items()}
+    killers = [
+        threading.Thread(target=_kill_after_first_checkpoint, args=(procs[s], w, s, seed))
+        for s, w in cuts.items()
+    ]
     try:
-        first = ckpt.directory(tmp_path / "cut") / "20"
-        while not first.is_dir() and proc.poll() is None:
-            time.sleep(0.02)
-        time.sleep(random.uniform(0.0, 0.3))
-        proc.send_signal(signum)
-        _, err = proc.communicate(timeout=120)
+        for k in killers:
+            k.start()
+        train.train(spec(**run), tmp_path / "full")  # meanwhile: the uninterrupted run
+        errs = {s: p.communicate(timeout=120)[1] for s, p in procs.items()}
     finally:
-        proc.kill()
-    assert proc.returncode == -signum if signum == signal.SIGKILL else 143, err[-3000:]
-    logged = losses(tmp_path / "cut")[-1][0]
-    resume = ckpt.latest(tmp_path / "cut")[0]
-    assert 20 <= resume <= logged < run["train.steps"]
-    if signum == signal.SIGTERM:
-        assert resume == logged  # no step lost
-        assert f"stopped by SIGTERM at step {logged}" in err and "resume with:" in err
-        assert "launch.py" in err.split("resume with:")[1]
-    capsys.readouterr()
-    assert launch.main(argv(tmp_path / "cut", **run)) == 0  # the same command
-    assert f"resumed from {ckpt.directory(tmp_path / 'cut')} at step {resume}" in (
-        capsys.readouterr().out
-    )
-    train.train(spec(**run), tmp_path / "full")
-    assert losses(tmp_path / "cut") == losses(tmp_path / "full")
-    a, b = saved_state(tmp_path / "cut", 150), saved_state(tmp_path / "full", 150)
-    assert a.keys() == b.keys()
-    for key in a:
-        np.testing.assert_array_equal(a[key], b[key], err_msg=key)
+        for p in procs.values():
+            p.kill()
+        for k in killers:
+            k.join()
+    expected = saved_state(tmp_path / "full", 80)
+    for signum, workdir in cuts.items():
+        err = errs[signum]
+        context = f"{signum.name}, seed {seed}: {err[-3000:]}"
+        code = procs[signum].returncode
+        assert code == (-signal.SIGKILL if signum == signal.SIGKILL else 143), context
+        logged = losses(workdir)[-1][0]
+        resume = ckpt.latest(workdir)[0]
+        assert 20 <= resume <= logged < run["train.steps"], context
+        if signum == signal.SIGTERM:
+            assert resume == logged, context  # no step lost
+            assert f"stopped by SIGTERM at step {logged}" in err, context
+            assert "launch.py" in err.split("resume with:")[1], context
+        capsys.readouterr()
+        assert launch.main(argv(workdir, **run)) == 0  # the same command
+        assert f"at step {resume}" in capsys.readouterr().out
+        assert losses(workdir) == losses(tmp_path / "full"), context
+        got = saved_state(workdir, 80)
+        assert got.keys() == expected.keys()
+        for key in got:
+            np.testing.assert_array_equal(got[key], expected[key], err_msg=key)
 
 
 def test_torn_newest_checkpoint_is_set_aside_and_the_previous_one_resumed(tmp_path, capsys):
