@@ -7,9 +7,12 @@
     python launch.py --experiment order --seeds 0,1,2     # a study of the paper (experiments/)
     python launch.py ... --coordinator 10.0.0.1:1234 --num_processes 2 --process_id 0
 
-Bad input (a misspelt field, an unknown activation, an impossible mesh, a
-workdir holding another config's checkpoints) is one line on stderr and exit
-status 2, before anything compiles.
+Bad input (a misspelt field, a value of the wrong type or range, an unknown
+activation, an impossible mesh, a workdir holding another config's checkpoints or
+only torn ones) is one line on stderr and exit status 2, before anything compiles.
+SIGTERM/SIGINT: the run saves a checkpoint at the step it stopped, prints the
+command that resumes it and exits with 143/130. Non-finite values that stop the
+run (train.nonfinite): a report on stderr and exit status 3.
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ import argparse
 import itertools
 import os
 import pathlib
+import shlex
 import sys
 
 DEFAULT_CONFIG = str(pathlib.Path(__file__).parent / "configs" / "default.py")
@@ -103,8 +107,12 @@ def runs(base, workdir: str | None, sweeps: list[str]):
         yield cfg, root.joinpath(*parts)
 
 
+NONFINITE_EXIT = 3
+
+
 def main(argv: list[str] | None = None) -> int:
-    args, overrides = parse_args(sys.argv[1:] if argv is None else argv)
+    argv = sys.argv[1:] if argv is None else argv
+    args, overrides = parse_args(argv)
     if args.experiment:
         return experiment(args, overrides)
     try:
@@ -126,8 +134,21 @@ def main(argv: list[str] | None = None) -> int:
     for spec, workdir in specs:
         if args.dry_run:
             print(f"{train.plan(spec)}\nworkdir {workdir}\n")
-        else:
+            continue
+        try:
             train.train(spec, workdir)
+        except train.PreemptionError as e:
+            command = shlex.join([sys.executable, str(pathlib.Path(__file__).absolute()), *argv])
+            print(
+                f"launch.py: {e}; checkpoint saved in {workdir}/checkpoints; "
+                f"resume with: {command}",
+                file=sys.stderr,
+                flush=True,
+            )
+            return e.exit_code
+        except train.NonFiniteError as e:
+            print(f"launch.py: {e}", file=sys.stderr, flush=True)
+            return NONFINITE_EXIT
     return 0
 
 

@@ -4,14 +4,25 @@ One checkpoint holds three items, written together:
   state   the train state (params, optimizer state, step, other model state)
   data    the data iterators' states (JSON, one per process)
   config  the run's config (JSON)
-A run resumes from the newest checkpoint of its workdir; ``check_compatible``
+A run resumes from the newest good checkpoint of its workdir; ``check_compatible``
 refuses a workdir whose checkpoints belong to a config with other shapes.
+
+Integrity: Orbax writes a step into a temporary directory and renames it when
+complete, so an interrupted save never counts. Once a save has finished, the
+primary process adds ``MARKER`` to the step directory: the step, the config's
+SHA-256, and every file's size and CRC-32. ``scan`` checks each step against its
+marker (a step without one, saved just before a kill, is checked for its items
+only); a torn or corrupt step is skipped and later set aside as
+``<step>.corrupt``, never deleted. Old steps are deleted (keep-last-K) only after
+a newer one is complete and marked.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import pathlib
+import zlib
 from collections.abc import Mapping
 from typing import Any
 
@@ -25,6 +36,8 @@ from jax.experimental import multihost_utils
 # the model computes, not what is stored. Every other model field must match.
 RUNTIME_MODEL_FIELDS = ("dtype", "remat", "activation.kernel")
 DATA_FIELDS = ("source", "tokenizer", "vocab_size", "seq_len")
+MARKER = "polyjax_integrity.json"
+ITEMS = ("state", "data", "config")
 
 
 def directory(workdir: str | pathlib.Path) -> pathlib.Path:
@@ -63,15 +76,107 @@ def check_compatible(saved: Mapping[str, Any], current: Mapping[str, Any], where
             )
 
 
-def latest(workdir: str | pathlib.Path) -> tuple[int, dict[str, Any]] | None:
-    """The newest complete checkpoint's step and config, or None. Reads files only
-    (no collective), so processes may call it at different moments."""
+def _crc32(path: pathlib.Path) -> int:
+    crc = 0
+    with path.open("rb") as f:
+        while chunk := f.read(1 << 22):
+            crc = zlib.crc32(chunk, crc)
+    return crc
+
+
+def _files(step_dir: pathlib.Path) -> dict[str, list[int]]:
+    """Every file under ``step_dir`` but the marker: relative path -> [size, crc32]."""
+    return {
+        str(p.relative_to(step_dir)): [p.stat().st_size, _crc32(p)]
+        for p in sorted(step_dir.rglob("*"))
+        if p.is_file() and p.name != MARKER
+    }
+
+
+def config_digest(config: Mapping[str, Any]) -> str:
+    return hashlib.sha256(json.dumps(config, sort_keys=True).encode()).hexdigest()
+
+
+def write_marker(step_dir: pathlib.Path, step: int, config: Mapping[str, Any]) -> None:
+    """Record the complete step's files (written to a temporary name, then renamed)."""
+    marker = {"step": step, "config_sha256": config_digest(config), "files": _files(step_dir)}
+    tmp = step_dir / (MARKER + ".tmp")
+    tmp.write_text(json.dumps(marker))
+    tmp.rename(step_dir / MARKER)
+
+
+def check_step(step_dir: pathlib.Path, step: int) -> tuple[dict[str, Any] | None, str]:
+    """(the step's config, "") if it is intact, else (None, what is wrong). Files only."""
+    try:
+        config = json.loads((step_dir / "config" / "metadata").read_text())
+    except (OSError, ValueError) as e:
+        return None, f"config unreadable ({type(e).__name__})"
+    marker_path = step_dir / MARKER
+    if not marker_path.exists():
+        missing = [item for item in ITEMS if not (step_dir / item).is_dir()]
+        return (None, f"item(s) {missing} missing") if missing else (config, "")
+    try:
+        marker = json.loads(marker_path.read_text())
+        expected, digest = marker["files"], marker["config_sha256"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None, "integrity marker unreadable"
+    if marker.get("step") != step or digest != config_digest(config):
+        return None, "integrity marker does not match the step or its config"
+    for rel, (size, crc) in expected.items():
+        path = step_dir / rel
+        if not path.is_file():
+            return None, f"{rel} missing"
+        if path.stat().st_size != size:
+            return None, f"{rel} truncated or resized ({path.stat().st_size} != {size} bytes)"
+        if _crc32(path) != crc:
+            return None, f"{rel} corrupt (checksum mismatch)"
+    return config, ""
+
+
+def scan(workdir: str | pathlib.Path) -> tuple[list[tuple[int, dict]], list[tuple[int, str]]]:
+    """(good, bad) finalized steps, newest first: (step, config) and (step, why).
+    Reads files only (no collective), touches nothing."""
     root = directory(workdir)
     steps = ocp.path.step.checkpoint_steps(root) if root.is_dir() else []
-    if not steps:
-        return None
-    step = max(steps)
-    return step, json.loads((root / str(step) / "config" / "metadata").read_text())
+    good, bad = [], []
+    for step in sorted(steps, reverse=True):
+        config, why = check_step(root / str(step), step)
+        if config is None:
+            bad.append((step, why))
+        else:
+            good.append((step, config))
+    return good, bad
+
+
+def latest(workdir: str | pathlib.Path) -> tuple[int, dict[str, Any]] | None:
+    """The newest intact checkpoint's step and config, or None when there are no
+    checkpoints. Raises ValueError (nothing touched) when checkpoints exist but
+    none is intact. Reads files only, so processes may call it at any moment."""
+    good, bad = scan(workdir)
+    if bad and not good:
+        raise ValueError(
+            f"{directory(workdir)} holds no intact checkpoint (skipped: "
+            + "; ".join(f"step {s}: {why}" for s, why in bad)
+            + "); nothing was changed: repair or move them, or use another --workdir"
+        )
+    return good[0] if good else None
+
+
+def set_aside(workdir: str | pathlib.Path, steps: list[int]) -> list[pathlib.Path]:
+    """Rename each step's directory to ``<step>.corrupt`` (``.corrupt-N`` if taken),
+    on the primary process, then wait for every process. Returns the new paths."""
+    root, moved = directory(workdir), []
+    for step in steps:
+        target, n = root / f"{step}.corrupt", 1
+        while target.exists():
+            n += 1
+            target = root / f"{step}.corrupt-{n}"
+        if jax.process_index() == 0:
+            (root / str(step)).rename(target)
+        moved.append(target)
+    if jax.process_count() > 1:
+        multihost_utils.sync_global_devices("polyjax_set_aside")
+    return moved
 
 
 def _gather_json(obj: Any) -> list[Any]:
@@ -122,17 +227,36 @@ class Checkpointer:
 
     ``every`` is the interval in steps (the loop asks ``due``); the last ``keep``
     checkpoints are kept; saves are asynchronous unless ``async_save`` is False.
+    A save is marked (``MARKER``) and older steps beyond ``keep`` deleted once it
+    has finished: at the next save, ``finish`` or ``close``.
     """
 
     def __init__(self, workdir: str | pathlib.Path, *, every: int, keep: int, async_save: bool):
-        self.every = every
+        self.every, self.keep = every, keep
+        self.root = directory(workdir)
+        self.pending: tuple[int, dict] | None = None
         self.manager = ocp.CheckpointManager(
-            directory(workdir),
-            item_names=("state", "data", "config"),
+            self.root,
+            item_names=ITEMS,
             options=ocp.CheckpointManagerOptions(
-                max_to_keep=keep, enable_async_checkpointing=async_save, create=True
+                max_to_keep=None, enable_async_checkpointing=async_save, create=True
             ),
         )
+
+    def finish(self) -> None:
+        """Wait for the pending save; mark it complete; delete steps beyond ``keep``."""
+        self.manager.wait_until_finished()
+        if self.pending is None:
+            return
+        step, config = self.pending
+        self.pending = None
+        if jax.process_index() == 0:
+            write_marker(self.root / str(step), step, config)
+        if jax.process_count() > 1:
+            multihost_utils.sync_global_devices("polyjax_marker")
+        older = [s for s in self.manager.all_steps() if s < step]
+        for old in sorted(older)[: max(len(older) + 1 - self.keep, 0)]:
+            self.manager.delete(old)
 
     def due(self, step: int) -> bool:
         return self.every > 0 and step % self.every == 0
@@ -140,6 +264,7 @@ class Checkpointer:
     def save(self, step: int, state: Any, data_state: Any, config: Mapping[str, Any]) -> None:
         """Save on every process (collective); ``data_state`` is this process's.
         A step that is already saved is left as it is."""
+        self.finish()
         if step in self.manager.all_steps():
             return
         states = _gather_json(data_state)
@@ -151,6 +276,7 @@ class Checkpointer:
                 config=ocp.args.JsonSave(dict(config)),
             ),
         )
+        self.pending = (step, json.loads(json.dumps(dict(config))))
 
     def restore(self, step: int, target: Any) -> tuple[Any, Any]:
         """The state, with the structure and shardings of ``target`` (a state of the
@@ -171,6 +297,6 @@ class Checkpointer:
         return _from_saveable(out["state"], target), states[jax.process_index()]
 
     def close(self) -> None:
-        """Wait for pending saves and release the manager."""
-        self.manager.wait_until_finished()
+        """Finish the pending save and release the manager."""
+        self.finish()
         self.manager.close()

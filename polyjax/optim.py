@@ -41,8 +41,8 @@ class OptimConfig:
 
     def __post_init__(self):
         checks = {
-            "lr": self.lr > 0,
-            "final_lr": self.final_lr >= 0,
+            "lr": 0 < self.lr < math.inf,
+            "final_lr": 0 <= self.final_lr <= self.lr,
             "warmup_steps": isinstance(self.warmup_steps, int) and self.warmup_steps >= 0,
             "b1": 0 <= self.b1 < 1,
             "b2": 0 <= self.b2 < 1,
@@ -52,8 +52,8 @@ class OptimConfig:
             "mu_dtype": self.mu_dtype in (None, "float32", "bfloat16"),
         }
         valid = {
-            "lr": "> 0",
-            "final_lr": ">= 0",
+            "lr": "finite and > 0",
+            "final_lr": "in [0, optim.lr]",
             "warmup_steps": "an integer >= 0",
             "b1": "in [0, 1)",
             "b2": "in [0, 1)",

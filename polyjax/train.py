@@ -18,7 +18,9 @@ import functools
 import json
 import math
 import pathlib
+import signal
 import sys
+import threading
 import time
 from collections.abc import Mapping
 from typing import Any, TextIO
@@ -30,10 +32,12 @@ import ml_collections
 import numpy as np
 import optax
 from flax import nnx
+from jax.experimental import multihost_utils
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from polyjax import checkpoint as ckpt
+from polyjax import config as pc
 from polyjax import metrics as mx
 from polyjax import optim
 from polyjax import sharding as shd
@@ -43,10 +47,20 @@ from polyjax.model import ModelConfig, param_counts
 Batch = Mapping[str, jax.Array]
 
 
+NONFINITE_POLICIES = ("stop", "skip")
+
+
 @dataclasses.dataclass(frozen=True)
 class TrainConfig:
     """The loop. Intervals are in steps (0 disables); ``peak_flops`` is one
-    device's peak FLOP/s for the MFU (0: looked up from the device kind)."""
+    device's peak FLOP/s for the MFU (0: looked up from the device kind).
+
+    ``nonfinite``: what a NaN/Inf in the loss or the gradients does. Either way the
+    step does not apply that update. "stop": the parameters and optimizer state stay
+    at the last good step and the run stops with a report at the next logging or
+    checkpoint step. "skip": the update is skipped and the run goes on; it stops
+    with a report once more than ``max_skips`` updates in total have been skipped.
+    """
 
     steps: int = 1000
     seed: int = 0
@@ -57,19 +71,23 @@ class TrainConfig:
     keep_checkpoints: int = 3
     async_checkpoint: bool = True
     peak_flops: float = 0.0
+    nonfinite: str = "stop"
+    max_skips: int = 10
 
     def __post_init__(self):
-        positive = ("steps", "log_every", "eval_batches", "keep_checkpoints")
-        for name in positive:
-            if not (isinstance(getattr(self, name), int) and getattr(self, name) >= 1):
-                raise ValueError(
-                    f"train.{name} must be an integer >= 1, got {getattr(self, name)!r}"
-                )
-        for name in ("eval_every", "checkpoint_every"):
-            if not (isinstance(getattr(self, name), int) and getattr(self, name) >= 0):
-                raise ValueError(
-                    f"train.{name} must be an integer >= 0, got {getattr(self, name)!r}"
-                )
+        minimum = {"steps": 1, "log_every": 1, "eval_batches": 1, "keep_checkpoints": 1}
+        minimum.update(eval_every=0, checkpoint_every=0, seed=0, max_skips=0)
+        for name, low in minimum.items():
+            value = getattr(self, name)
+            if not (isinstance(value, int) and not isinstance(value, bool) and value >= low):
+                raise ValueError(f"train.{name} must be an integer >= {low}, got {value!r}")
+        if not self.peak_flops >= 0:
+            raise ValueError(f"train.peak_flops must be >= 0, got {self.peak_flops!r}")
+        if self.nonfinite not in NONFINITE_POLICIES:
+            raise ValueError(
+                f"train.nonfinite must be one of {', '.join(NONFINITE_POLICIES)}, "
+                f"got {self.nonfinite!r}"
+            )
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> TrainConfig:
@@ -81,6 +99,12 @@ class TrainConfig:
 
 
 SECTIONS = ("name", "model", "data", "optim", "train", "mesh")
+TYPED_SECTIONS = {
+    "model": ModelConfig,
+    "data": DataConfig,
+    "optim": optim.OptimConfig,
+    "train": TrainConfig,
+}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -103,27 +127,47 @@ class Spec:
         if unknown:
             raise ValueError(f"config: unknown section(s) {unknown}; valid: {', '.join(SECTIONS)}")
         plain = config.to_dict()
+        if not isinstance(plain.get("name"), str):
+            raise ValueError(f"name={plain.get('name')!r}: expected str")
+        for section, section_cls in TYPED_SECTIONS.items():
+            if not isinstance(plain.get(section), Mapping):
+                raise ValueError(f"config: section {section} is missing or not a mapping")
+            pc.check_types(section_cls, plain[section], section)
+        mesh_shape = plain.get("mesh")
+        bad_axes = sorted(set(mesh_shape or {}) - set(shd.MESH_AXES))
+        if not isinstance(mesh_shape, Mapping) or bad_axes:
+            raise ValueError(f"mesh: unknown axes {bad_axes}; valid: {', '.join(shd.MESH_AXES)}")
+        for axis, size in mesh_shape.items():
+            if not (isinstance(size, int) and not isinstance(size, bool) and size >= -1 and size):
+                raise ValueError(f"mesh.{axis}={size!r}: expected an integer >= 1 or -1")
         model = _section("model", ModelConfig.from_dict, plain["model"])
         data = _section("data", DataConfig.from_dict, plain["data"])
         if data.seq_len > model.max_seq_len:
             raise ValueError(
                 f"data.seq_len={data.seq_len} exceeds model.max_seq_len={model.max_seq_len}"
             )
-        mesh = shd.make_mesh(plain["mesh"])
+        vocab = {"byte": 257, "bpe": data.vocab_size}.get(data.tokenizer, 0)
+        if vocab > model.vocab_size:
+            raise ValueError(
+                f"model.vocab_size={model.vocab_size} is smaller than the {data.tokenizer} "
+                f"tokenizer's vocabulary ({vocab})"
+            )
+        mesh = shd.make_mesh(mesh_shape)
         shd.validate(model, mesh, data.global_batch)
-        opt = optim.OptimConfig.from_dict(plain["optim"])
+        opt = _section("optim", optim.OptimConfig.from_dict, plain["optim"])
         data_parallel = math.prod(mesh.shape[a] for a in shd.batch_sharding(mesh).spec[0])
         if data.global_batch % (data_parallel * opt.grad_accum):
             raise ValueError(
                 f"data.global_batch={data.global_batch} must be a multiple of the "
                 f"data-parallel size ({data_parallel}) x optim.grad_accum ({opt.grad_accum})"
             )
+        tcfg = _section("train", TrainConfig.from_dict, plain["train"])
         return cls(
             name=plain["name"],
             model=model,
             data=data,
             optim=opt,
-            train=TrainConfig.from_dict(plain["train"]),
+            train=tcfg,
             mesh=mesh,
             rules=shd.DEFAULT_RULES,
             config=json.loads(json.dumps(plain)),
@@ -141,10 +185,17 @@ def _section(name: str, build, d: Mapping[str, Any]):
 
 @flax.struct.dataclass
 class TrainState:
+    """``step`` counts the batches consumed, skipped ones included; a step whose loss
+    or gradients are not finite leaves ``params``, ``opt_state`` (so the learning-rate
+    schedule's count too) and ``rest`` as they were, and is counted in ``nonfinite``;
+    ``bad_step`` is the first such step under "stop", the latest under "skip"."""
+
     step: jax.Array  # int32 scalar: steps done
     params: nnx.State
     opt_state: Any
     rest: nnx.State  # the model's non-parameter state (RNG counters)
+    nonfinite: jax.Array  # int32 scalar: non-finite steps so far
+    bad_step: jax.Array  # int32 scalar: 0 = none
 
 
 # ----------------------------------------------------------------------------
@@ -192,9 +243,12 @@ def train_step(
     schedule: optax.Schedule,
     grad_accum: int,
     batch_sharding: NamedSharding,
+    nonfinite: str = "stop",
 ) -> tuple[TrainState, dict[str, jax.Array]]:
     """One optimizer update on a global batch (split into ``grad_accum``
-    microbatches). Loss = weighted token cross-entropy + the MoE auxiliary loss."""
+    microbatches). Loss = weighted token cross-entropy + the MoE auxiliary loss.
+    The update is applied only when the loss and the gradients are finite (and,
+    under ``nonfinite="stop"``, no earlier step was non-finite)."""
     total_weight = jnp.maximum(jnp.sum(batch["weights"]), 1.0)
 
     def loss(params, rest, mb):
@@ -220,19 +274,83 @@ def train_step(
             k: jnp.sum(v, 0) if k == "dropped_tokens" else jnp.mean(v, 0) for k, v in auxs.items()
         }
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
+    grad_norm = optax.tree.norm(grads)
+    finite = jnp.isfinite(ce_sum) & jnp.isfinite(grad_norm)
+    if "moe_aux_loss" in aux:
+        finite &= jnp.isfinite(aux["moe_aux_loss"])
+    apply = finite & (state.nonfinite == 0) if nonfinite == "stop" else finite
+    keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(apply, a, b), new, old)
+    first = state.bad_step == 0
+    record_bad = ~finite & (first if nonfinite == "stop" else True)
     new_state = TrainState(
         step=state.step + 1,
-        params=optax.apply_updates(state.params, updates),
-        opt_state=opt_state,
-        rest=rest,
+        params=keep(optax.apply_updates(state.params, updates), state.params),
+        opt_state=keep(opt_state, state.opt_state),
+        rest=keep(rest, state.rest),
+        nonfinite=state.nonfinite + (~finite).astype(jnp.int32),
+        bad_step=jnp.where(record_bad, state.step + 1, state.bad_step),
     )
     metrics = {
         "loss": ce_sum / total_weight,
-        "grad_norm": optax.tree.norm(grads),
+        "grad_norm": grad_norm,
         "lr": schedule(state.step),
+        "nonfinite": new_state.nonfinite,
         **{k: v for k, v in aux.items()},
     }
     return new_state, metrics
+
+
+def diagnose(
+    state: TrainState, batch: Batch, *, graphdef: nnx.GraphDef
+) -> tuple[jax.Array, dict[str, jax.Array], dict[str, jax.Array], dict[str, jax.Array]]:
+    """The loss of ``batch`` at ``state``, and per parameter (path -> value): the
+    gradient's norm, whether it is finite, and the PolyCom coefficients."""
+    total_weight = jnp.maximum(jnp.sum(batch["weights"]), 1.0)
+
+    def loss(params):
+        ce_sum, aux, _ = _forward(graphdef, params, state.rest, batch)
+        return ce_sum / total_weight + aux.get("moe_aux_loss", 0.0)
+
+    value, grads = jax.value_and_grad(loss)(state.params)
+    flat = {_path(p): g for p, g in nnx.to_flat_state(grads)}
+    norms = {k: jnp.sqrt(jnp.sum(jnp.square(g.get_value()))) for k, g in flat.items()}
+    finite = {k: jnp.all(jnp.isfinite(g.get_value())) for k, g in flat.items()}
+    coeffs = {
+        _path(p): v.get_value()
+        for p, v in nnx.to_flat_state(state.params)
+        if "coeffs" in map(str, p)
+    }
+    return value, norms, finite, coeffs
+
+
+def _path(path: tuple) -> str:
+    return ".".join(map(str, path))
+
+
+def nonfinite_report(
+    step: int, loss: float, norms: Mapping, finite: Mapping, coeffs: Mapping, why: str
+) -> str:
+    """A readable report of a non-finite step (values from ``diagnose``)."""
+    bad = [k for k, ok in finite.items() if not ok]
+    layers: dict[str, float] = {}
+    for key, norm in norms.items():
+        parts = key.split(".")
+        group = ".".join(parts[:2]) if len(parts) > 1 and parts[1].isdigit() else parts[0]
+        layers[group] = math.hypot(layers.get(group, 0.0), float(norm))
+    lines = [
+        f"non-finite values at step {step}: {why}",
+        f"  loss at the last good state on that batch: {loss}"
+        + ("  (non-finite)" if not math.isfinite(loss) else ""),
+        f"  non-finite gradient leaves ({len(bad)} of {len(finite)}): "
+        + (", ".join(bad) if bad else "none"),
+        "  gradient norm per layer: "
+        + ", ".join(f"{k} {v:.4g}" for k, v in sorted(layers.items())),
+        "  activation coefficients (PolyCom weight/bias per layer):",
+        *(f"    {k}: {np.array2string(np.asarray(v), precision=4)}" for k, v in coeffs.items()),
+    ]
+    if not coeffs:
+        lines[-1] += " none (no PolyCom activation)"
+    return "\n".join(lines)
 
 
 def eval_step(graphdef: nnx.GraphDef, params: nnx.State, rest: nnx.State, batch: Batch):
@@ -334,9 +452,12 @@ class Trainer:
             params=shd.model_shardings(params, mesh, rules),
             opt_state=opt_shardings(opt_abstract, mesh, rules),
             rest=shd.model_shardings(rest, mesh, rules),
+            nonfinite=replicated,
+            bad_step=replicated,
         )
+        zero = lambda: jnp.zeros((), jnp.int32)
         init = jax.jit(
-            lambda p, r: TrainState(jnp.zeros((), jnp.int32), p, tx.init(p), r),
+            lambda p, r: TrainState(zero(), p, tx.init(p), r, zero(), zero()),
             out_shardings=self.state_shardings,
         )
         self.state = init(params, rest)
@@ -348,6 +469,7 @@ class Trainer:
                 schedule=self.schedule,
                 grad_accum=spec.optim.grad_accum,
                 batch_sharding=self.batch_sharding,
+                nonfinite=spec.train.nonfinite,
             ),
             in_shardings=(self.state_shardings, self.batch_sharding),
             out_shardings=(self.state_shardings, replicated),
@@ -363,6 +485,8 @@ class Trainer:
             out_shardings=replicated,
         )
         self.data_iter = self.pipeline.train_iter()
+        self.checked = (0, self.data_iter.get_state())  # (step, data state) at the last check
+        self.skips_seen = 0
         self.eval_data = [
             _global_batch(b, self.batch_sharding)
             for b in self.pipeline.eval_batches(spec.train.eval_batches)
@@ -371,6 +495,7 @@ class Trainer:
     def restore(self, step: int) -> None:
         self.state, data_state = self.checkpointer.restore(step, self.state)
         self.data_iter.set_state(data_state)
+        self.checked = (step, data_state)
 
     def save(self) -> None:
         self.checkpointer.save(
@@ -383,16 +508,108 @@ class Trainer:
         loss = float(ce / max(weight, 1.0))
         return {"val_loss": loss, "val_ppl": math.exp(min(loss, 80.0))}
 
+    def next_batch(self) -> Batch:
+        return _global_batch(next(self.data_iter), self.batch_sharding)
+
     def step(self) -> dict[str, jax.Array]:
         """Train on the next batch; the metrics stay on the devices."""
-        batch = _global_batch(next(self.data_iter), self.batch_sharding)
-        self.state, metrics = self.train_step(self.state, batch)
+        self.state, metrics = self.train_step(self.state, self.next_batch())
         return metrics
+
+    def check_finite(self) -> None:
+        """At a logging or checkpoint step (the host reads two scalars): raise
+        ``NonFiniteError`` with a report when the policy says stop; warn of skips."""
+        count, bad_step = (
+            int(x) for x in jax.device_get((self.state.nonfinite, self.state.bad_step))
+        )
+        step = int(self.state.step)
+        tcfg = self.spec.train
+        if count and tcfg.nonfinite == "stop":
+            why = "train.nonfinite='stop'; the state was kept at the last good step"
+        elif count > tcfg.max_skips:
+            why = f"{count} updates skipped in total, more than train.max_skips={tcfg.max_skips}"
+        else:
+            if count > self.skips_seen and jax.process_index() == 0:
+                print(
+                    f"warning: skipped {count - self.skips_seen} non-finite update(s) by step "
+                    f"{step} (latest at step {bad_step}; {count} in total, limit {tcfg.max_skips})",
+                    file=sys.stderr,
+                    flush=True,
+                )
+            self.skips_seen = count
+            self.checked = (step, self.data_iter.get_state())
+            return
+        raise NonFiniteError(bad_step, self.report(bad_step, why))
+
+    def report(self, bad_step: int, why: str) -> str:
+        """Replay the batch of ``bad_step`` (from the data state of the last check)
+        and diagnose it at the current state."""
+        checked_step, data_state = self.checked
+        self.data_iter.set_state(data_state)
+        for _ in range(bad_step - checked_step - 1):
+            next(self.data_iter)
+        fn = jax.jit(functools.partial(diagnose, graphdef=self.graphdef))
+        loss, norms, finite, coeffs = jax.device_get(fn(self.state, self.next_batch()))
+        return nonfinite_report(bad_step, float(loss), norms, finite, coeffs, why)
+
+
+class NonFiniteError(RuntimeError):
+    """A NaN or Inf stopped the run; ``str()`` is the report."""
+
+    def __init__(self, step: int, report: str):
+        super().__init__(report)
+        self.step = step
+
+
+class PreemptionError(Exception):
+    """SIGTERM or SIGINT stopped the run after saving a checkpoint at ``step``."""
+
+    def __init__(self, step: int, signum: int):
+        super().__init__(f"stopped by {signal.Signals(signum).name} at step {step}")
+        self.step, self.signum = step, signum
+        self.exit_code = 128 + signum  # 143 for SIGTERM, 130 for SIGINT
+
+
+class StopSignals:
+    """Within ``with``: SIGTERM/SIGINT set ``self.signum`` (the loop stops at the
+    next step boundary); a second one raises KeyboardInterrupt at once."""
+
+    SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+    def __init__(self):
+        self.signum = 0
+        self.previous = {}
+
+    def _handle(self, signum, frame):
+        if self.signum:
+            raise KeyboardInterrupt
+        self.signum = signum
+
+    def __enter__(self):
+        if threading.current_thread() is threading.main_thread():
+            self.previous = {s: signal.signal(s, self._handle) for s in self.SIGNALS}
+        return self
+
+    def __exit__(self, *exc):
+        for s, handler in self.previous.items():
+            signal.signal(s, handler)
+
+    def agreed(self, boundary: bool) -> int:
+        """The signal to stop on, the same on every process: on one process, this
+        one's at every step; on several, any process's, agreed at ``boundary``
+        steps (logging and checkpoint steps) by a tiny all-gather."""
+        if jax.process_count() == 1:
+            return self.signum
+        if not boundary:
+            return 0
+        seen = multihost_utils.process_allgather(np.array([self.signum], np.int32))
+        return int(np.max(seen))
 
 
 def prepare_workdir(spec: Spec, workdir: str | pathlib.Path) -> int | None:
-    """The step to resume from (None: a fresh run); refuses (ValueError, nothing
-    touched) a workdir whose checkpoints belong to an incompatible config."""
+    """The step to resume from: the newest intact checkpoint (None: a fresh run).
+    Refuses (ValueError, nothing touched) a workdir whose checkpoints belong to an
+    incompatible config or whose checkpoints are all torn or corrupt."""
     found = ckpt.latest(workdir)
     if found is None:
         return None
@@ -407,9 +624,21 @@ def train(spec: Spec, workdir: str | pathlib.Path, out: TextIO | None = None) ->
     primary = jax.process_index() == 0
     say = (lambda s: print(s, file=out, flush=True)) if primary else (lambda s: None)
     resume = prepare_workdir(spec, workdir)
+    _, bad = ckpt.scan(workdir)
+    if bad:
+        moved = ckpt.set_aside(workdir, [s for s, _ in bad])
+        for (s, why), path in zip(bad, moved, strict=True):
+            if primary:
+                print(
+                    f"warning: checkpoint {s} is torn or corrupt ({why}); skipped it and "
+                    f"moved it to {path}; resuming from step {resume}",
+                    file=sys.stderr,
+                    flush=True,
+                )
     trainer = Trainer(spec, workdir)
     tcfg = spec.train
     writer = None
+    signals = StopSignals().__enter__()
     try:
         if resume is not None:
             trainer.restore(resume)
@@ -460,8 +689,15 @@ def train(spec: Spec, workdir: str | pathlib.Path, out: TextIO | None = None) ->
                     progress.update(
                         step, float(record["loss"]), record.get("tokens_per_s", 0), extra
                     )
-            if trainer.checkpointer.due(step) or last:
+            save = trainer.checkpointer.due(step) or last
+            stop = signals.agreed(log or save)
+            if log or save or stop:  # never save a non-finite state
+                trainer.check_finite()
+            if save or stop:
                 trainer.save()
+            if stop:
+                trainer.checkpointer.finish()
+                raise PreemptionError(step, stop)
         if writer:
             writer.close()
             records = mx.read_jsonl(writer.path)
@@ -472,6 +708,7 @@ def train(spec: Spec, workdir: str | pathlib.Path, out: TextIO | None = None) ->
             (pathlib.Path(workdir) / "summary.json").write_text(json.dumps(record, indent=2))
         return {**record, "unigram_loss": unigram}
     finally:
+        signals.__exit__()
         if writer:
             writer.close()
         trainer.checkpointer.close()
