@@ -20,6 +20,7 @@ from flax import nnx
 
 from polyjax import activations as acts
 from polyjax.activations import ActivationConfig
+from polyjax.fields import from_mapping
 from polyjax.layers import ATTENTION_IMPLS, FFN, Attention, RMSNorm, Shard, no_shard, trunc_normal
 from polyjax.moe import DISPATCHES, MoE
 
@@ -52,24 +53,6 @@ def _check_choice(field: str, value: Any, choices) -> None:
         _fail(field, value, f"must be one of {', '.join(map(str, choices))}")
 
 
-def _from_mapping(cls, d: Mapping, prefix: str, nested: Mapping[str, Any]):
-    """Build ``cls`` from a mapping, rejecting unknown keys by name."""
-    d = d.to_dict() if hasattr(d, "to_dict") else dict(d)
-    valid = [f.name for f in dataclasses.fields(cls)]
-    unknown = sorted(set(d) - set(valid))
-    if unknown:
-        raise ValueError(
-            f"unknown {prefix} key(s) {', '.join(map(repr, unknown))}; valid: {', '.join(valid)}"
-        )
-    for key, build in nested.items():
-        if key in d:
-            d[key] = build(d[key])
-    try:
-        return cls(**d)
-    except TypeError as e:  # missing required fields
-        raise ValueError(f"{prefix}: {e}") from None
-
-
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class MoEConfig:
     """The MoE FFN. ``d_expert`` is one expert's intermediate width as used (apply
@@ -100,7 +83,7 @@ class MoEConfig:
 
     @classmethod
     def from_dict(cls, d: Mapping) -> MoEConfig:
-        return _from_mapping(cls, d, "moe", {})
+        return from_mapping(cls, d, "moe")
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -170,12 +153,12 @@ class ModelConfig:
                 return v
             if isinstance(v, str):
                 return ActivationConfig(v)
-            return _from_mapping(ActivationConfig, v, "activation", {})
+            return from_mapping(ActivationConfig, v, "activation")
 
         def moe(v):
             return v if v is None or isinstance(v, MoEConfig) else MoEConfig.from_dict(v)
 
-        return _from_mapping(cls, d, "model", {"activation": activation, "moe": moe})
+        return from_mapping(cls, d, "model", {"activation": activation, "moe": moe})
 
 
 class Block(nnx.Module):

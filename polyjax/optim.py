@@ -18,6 +18,7 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
+from polyjax.fields import from_mapping
 from polyjax.layers import NoDecayParam
 
 
@@ -68,11 +69,7 @@ class OptimConfig:
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> OptimConfig:
-        names = [f.name for f in dataclasses.fields(cls)]
-        unknown = sorted(set(d) - set(names))
-        if unknown:
-            raise ValueError(f"optim: unknown field(s) {unknown}; valid: {', '.join(names)}")
-        return cls(**d)
+        return from_mapping(cls, d, "optim")
 
 
 def lr_schedule(cfg: OptimConfig, total_steps: int) -> optax.Schedule:

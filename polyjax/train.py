@@ -42,6 +42,7 @@ from polyjax import metrics as mx
 from polyjax import optim
 from polyjax import sharding as shd
 from polyjax.data import DataConfig, make_pipeline
+from polyjax.fields import from_mapping
 from polyjax.model import ModelConfig, param_counts
 
 Batch = Mapping[str, jax.Array]
@@ -91,11 +92,7 @@ class TrainConfig:
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> TrainConfig:
-        names = [f.name for f in dataclasses.fields(cls)]
-        unknown = sorted(set(d) - set(names))
-        if unknown:
-            raise ValueError(f"train: unknown field(s) {unknown}; valid: {', '.join(names)}")
-        return cls(**d)
+        return from_mapping(cls, d, "train")
 
 
 SECTIONS = ("name", "model", "data", "optim", "train", "mesh")

@@ -191,7 +191,7 @@ def test_sequence_longer_than_context_or_corpus(tmp_path):
 
 
 def test_config_errors_name_the_field(tmp_path):
-    with pytest.raises(ValueError, match=r"unknown DataConfig keys \['seqlen'\].*'seq_len'"):
+    with pytest.raises(ValueError, match=r"unknown data key\(s\) 'seqlen'.*seq_len"):
         DataConfig.from_dict({"seqlen": 3})
     with pytest.raises(ValueError, match="source='csv:x' is not valid"):
         DataConfig(source="csv:x")

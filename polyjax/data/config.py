@@ -8,6 +8,8 @@ import pathlib
 from collections.abc import Mapping
 from typing import Any
 
+from polyjax.fields import from_mapping
+
 SOURCE_KINDS = ("shakespeare", "tfds", "text", "jsonl", "arrayrecord", "tokens")
 TOKENIZER_KINDS = ("bpe", "byte", "<path to a .model (SentencePiece) or tokenizer.json>")
 
@@ -79,11 +81,7 @@ class DataConfig:
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> DataConfig:
-        valid = [f.name for f in dataclasses.fields(cls)]
-        unknown = sorted(set(d) - set(valid))
-        if unknown:
-            raise ValueError(f"unknown DataConfig keys {unknown}; valid keys: {valid}")
-        return cls(**d)
+        return from_mapping(cls, d, "data")
 
     def resolved_cache_dir(self) -> pathlib.Path:
         """The cache directory: the field, else $POLYJAX_CACHE, else ~/.cache/polyjax."""
