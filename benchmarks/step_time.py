@@ -21,37 +21,8 @@ import optax
 from flax import nnx
 
 from polyjax import sharding
-from polyjax.model import ModelConfig, param_counts, preset
-
-PEAK_BF16_FLOPS = {  # per device, dense
-    "h100 pcie": 756e12,
-    "h100": 989e12,
-    "h200": 989e12,
-    "b200": 2250e12,
-    "a100": 312e12,
-    "l4": 121e12,
-    "tpu v4": 275e12,
-    "tpu v5 lite": 197e12,
-    "tpu v5e": 197e12,
-    "tpu v5p": 459e12,
-    "tpu v5": 459e12,
-    "tpu v6 lite": 918e12,
-    "tpu v6e": 918e12,
-}
-
-
-def peak_flops(kind: str) -> float | None:
-    kind = kind.lower()
-    for name, flops in PEAK_BF16_FLOPS.items():
-        if name in kind:
-            return flops
-    return None
-
-
-def flops_per_token(cfg: ModelConfig, seq: int) -> float:
-    counts = param_counts(cfg)
-    n = counts["active"] - counts["embedding"]
-    return 6 * n + 12 * cfg.n_layers * cfg.d_model * seq
+from polyjax.metrics import peak_flops
+from polyjax.model import ModelConfig, flops_per_token, param_counts, preset
 
 
 def measure(cfg: ModelConfig, batch: int, seq: int, steps: int, warmup: int) -> dict:

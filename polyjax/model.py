@@ -338,6 +338,16 @@ def param_counts(cfg: ModelConfig) -> dict[str, int]:
     }
 
 
+def flops_per_token(cfg: ModelConfig, seq_len: int) -> float:
+    """Training FLOPs per token (PaLM, appendix B): 6 x the active matmul parameters
+    (all but the input embedding) + 12 x layers x d_model x seq_len for attention,
+    with no discount for the causal mask."""
+    counts = param_counts(cfg)
+    return 6.0 * (counts["active"] - counts["embedding"]) + 12.0 * (
+        cfg.n_layers * cfg.d_model * seq_len
+    )
+
+
 _SIZES = {
     # family, size: (vocab, d_model, layers, heads, base FFN width, seq, extra)
     ("dense", "tiny"): (256, 64, 2, 4, 192, 128, {}),

@@ -43,7 +43,7 @@ from polyjax import optim
 from polyjax import sharding as shd
 from polyjax.data import DataConfig, make_pipeline
 from polyjax.fields import from_mapping
-from polyjax.model import ModelConfig, param_counts
+from polyjax.model import ModelConfig, flops_per_token, param_counts
 
 Batch = Mapping[str, jax.Array]
 
@@ -374,33 +374,6 @@ def opt_shardings(opt_state: Any, mesh: jax.sharding.Mesh, rules) -> Any:
     )
 
 
-def flops_per_token(cfg: ModelConfig, seq_len: int) -> float:
-    """Training FLOPs per token: 6 x the active matmul parameters (all but the
-    input embedding) + 12 x layers x d_model x seq_len for attention."""
-    counts = param_counts(cfg)
-    return 6.0 * (counts["active"] - counts["embedding"]) + 12.0 * (
-        cfg.n_layers * cfg.d_model * seq_len
-    )
-
-
-PEAK_FLOPS = {  # bf16 dense peak per device
-    "TPU v4": 275e12,
-    "TPU v5 lite": 197e12,
-    "TPU v5e": 197e12,
-    "TPU v5p": 459e12,
-    "TPU v6 lite": 918e12,
-    "H100": 989e12,
-    "H200": 989e12,
-    "A100": 312e12,
-}
-
-
-def peak_flops(device: jax.Device, configured: float) -> float | None:
-    if configured > 0:
-        return configured
-    return next((v for k, v in PEAK_FLOPS.items() if k in device.device_kind), None)
-
-
 # ----------------------------------------------------------------------------
 # The run.
 
@@ -648,7 +621,7 @@ def train(spec: Spec, workdir: str | pathlib.Path, out: TextIO | None = None) ->
         unigram = trainer.pipeline.unigram_loss()
         tokens_per_step = spec.data.global_batch * spec.data.seq_len
         flops_per_step = flops_per_token(spec.model, spec.data.seq_len) * tokens_per_step
-        peak = peak_flops(jax.devices()[0], tcfg.peak_flops)
+        peak = mx.peak_flops(jax.devices()[0].device_kind, tcfg.peak_flops)
         say(
             f"{spec.name}: {tcfg.steps} steps of {tokens_per_step} tokens on "
             f"{jax.device_count()} {jax.devices()[0].platform} device(s); "

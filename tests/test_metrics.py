@@ -47,3 +47,11 @@ def test_plot_and_summary(tmp_path):
     assert (tmp_path / "loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     text = mx.summary(records, {"unigram_loss": 4.0})
     assert "val_loss      2.5" in text and "unigram_loss  4" in text
+
+
+def test_peak_flops_by_device_kind():
+    assert mx.peak_flops("NVIDIA H100 80GB HBM3") == 989e12
+    assert mx.peak_flops("NVIDIA H100 PCIe") == 756e12
+    assert mx.peak_flops("TPU v5 lite") == 197e12
+    assert mx.peak_flops("cpu") is None
+    assert mx.peak_flops("cpu", configured=1e12) == 1e12

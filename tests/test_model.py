@@ -230,3 +230,14 @@ def test_missing_field_and_too_long_input():
     model = Transformer(tiny(max_seq_len=8), rngs=nnx.Rngs(0))
     with pytest.raises(ValueError, match="exceeds max_seq_len=8"):
         model(tokens(1, 9))
+
+
+def test_flops_per_token_by_hand():
+    from polyjax.model import flops_per_token
+
+    cfg = ModelConfig.from_dict(preset("dense", "tiny", "relu"))
+    V, D, F, L = cfg.vocab_size, cfg.d_model, cfg.d_ff, cfg.n_layers
+    kv = cfg.kv_heads * (D // cfg.n_heads)
+    per_layer = D * D * 2 + D * kv * 2 + 2 * D * F  # q, o, k, v, w_in, w_out
+    matmul = L * per_layer + D * V  # the head counts, the input embedding does not
+    assert flops_per_token(cfg, 64) == 6 * matmul + 12 * L * D * 64 + 6 * (2 * L + 1) * D
