@@ -87,13 +87,16 @@ class Study:
         return cfg
 
 
-def run_dir(runs_root: pathlib.Path, arm: Arm, cfg) -> pathlib.Path:
-    """Where a run lives: keyed by its whole config (its name aside), so that studies
-    sharing an arm (PolyReLU r=3 is in four of them) train it once."""
+def run_dir(runs_root: pathlib.Path, cfg) -> pathlib.Path:
+    """Where a run lives: ``<activation>-<hash of the config>/seed<seed>``, the hash
+    taken over everything but the name and the seeds, so that studies sharing an arm
+    (PolyReLU r=3 is in four of them) train it once, whatever they call it."""
     plain = cfg.to_dict()
     plain.pop("name")
+    seed = plain["train"].pop("seed")
+    plain["data"].pop("seed")
     digest = hashlib.sha256(json.dumps(plain, sort_keys=True).encode()).hexdigest()[:10]
-    return runs_root / f"{arm.label.replace('=', '')}-{digest}" / f"seed{plain['train']['seed']}"
+    return runs_root / f"{plain['model']['activation']['name']}-{digest}" / f"seed{seed}"
 
 
 def run(
@@ -116,7 +119,7 @@ def run(
     for arm in study.arms:
         for seed in seeds:
             cfg = study.config(arm, scale, seed, extra)
-            planned.append((arm, seed, Spec.from_config(cfg), run_dir(root, arm, cfg)))
+            planned.append((arm, seed, Spec.from_config(cfg), run_dir(root, cfg)))
     for i, (arm, seed, spec, workdir) in enumerate(planned):
         tag = f"[{i + 1}/{len(planned)}] {arm.label} seed {seed}"
         if (workdir / "summary.json").exists():

@@ -93,6 +93,9 @@ def test_study_smoke_runs_tabulates_and_resumes(tmp_path):
     runs = sorted((tmp_path / "_runs").glob("*/seed*/metrics.jsonl"))
     assert len(runs) == 4
     mtimes = [p.stat().st_mtime for p in runs]
-    again = study.Study("again", "Again", "none", s.arms[1:], reference="polynorm")
+    # another study with the same arm under another label trains nothing new
+    same = study.Arm("polynorm-r3", f"{DENSE}:act=polynorm", (("model.activation.order", "3"),))
+    again = study.Study("again", "Again", "none", (same,), reference="polynorm-r3")
     study.run(again, tmp_path / "again", scale="toy", seeds=(0, 1))
+    assert sorted((tmp_path / "_runs").glob("*/seed*/metrics.jsonl")) == runs
     assert [p.stat().st_mtime for p in runs] == mtimes
