@@ -26,14 +26,14 @@ FFN_WEIGHTS = ("w_in", "w_up", "w_out")
 
 
 def load_trained(spec, workdir: pathlib.Path):
-    """The model of the newest checkpoint in ``workdir``, and its validation batches."""
-    from polyjax.train import Trainer
+    """The model of the newest intact checkpoint in ``workdir``, and its validation batches."""
+    from polyjax.train import Trainer, prepare_workdir
 
+    step = prepare_workdir(spec, workdir)
+    if step is None:
+        raise ValueError(f"{workdir}: no checkpoint to analyse")
     trainer = Trainer(spec, workdir)
     try:
-        step = trainer.checkpointer.latest_step()
-        if step is None:
-            raise ValueError(f"{workdir}: no checkpoint to analyse")
         trainer.restore(step)
     finally:
         trainer.checkpointer.close()
