@@ -212,3 +212,39 @@ def _check_type(tp: Any, value: Any, path: str) -> None:
         return
     if not ok:
         raise ValueError(f"{path}={value!r}: expected {_type_name(tp)}, got {type(value).__name__}")
+
+
+# The CPU sizes shared by configs/dense.py and configs/moe.py: (model, data, optim,
+# train, mesh) changes to the preset and the defaults.
+CPU_SIZES = {
+    "tiny": (
+        dict(vocab_size=264),  # the byte tokenizer's 257, rounded up to a multiple of 8
+        dict(source="shakespeare", tokenizer="byte", seq_len=64, global_batch=8),
+        dict(lr=1e-3, final_lr=1e-4, warmup_steps=10),
+        dict(steps=100, log_every=10, eval_every=50, eval_batches=2, checkpoint_every=50),
+        dict(data=-1),
+    ),
+    "small": (
+        dict(),
+        dict(source="shakespeare", tokenizer="bpe", vocab_size=1024, seq_len=256, global_batch=32),
+        dict(lr=1e-3, final_lr=1e-4, warmup_steps=100),
+        dict(steps=3000, log_every=50, eval_every=500, eval_batches=8, checkpoint_every=500),
+        dict(data=-1),
+    ),
+}
+
+
+def family_config(family: str, arg: str, sizes: Mapping[str, tuple]) -> ConfigDict:
+    """The config of ``configs/<family>.py:act=...,size=...``: the model preset, then
+    the size's (model, data, optim, train, mesh) changes from ``sizes``."""
+    from polyjax.model import preset
+
+    a = parse_arg(arg, act="polynorm", size="tiny")
+    if a["size"] not in sizes:
+        raise ValueError(f"size={a['size']!r}: valid sizes are {', '.join(sizes)}")
+    cfg = base_config(f"{family}-{a['act']}-{a['size']}", preset(family, a["size"], a["act"]))
+    for section, changes in zip(
+        ("model", "data", "optim", "train", "mesh"), sizes[a["size"]], strict=True
+    ):
+        cfg[section].update(changes)
+    return cfg
