@@ -1,11 +1,13 @@
-"""Checkpoints: Orbax ``CheckpointManager`` under ``workdir/checkpoints``.
+"""Checkpoints, and what a run survives: Orbax ``CheckpointManager`` under
+``workdir/checkpoints``, resuming, torn checkpoints, preemption signals.
 
 One checkpoint holds three items, written together:
   state   the train state (params, optimizer state, step, other model state)
   data    the data iterators' states (JSON, one per process)
   config  the run's config (JSON)
-A run resumes from the newest good checkpoint of its workdir; ``check_compatible``
-refuses a workdir whose checkpoints belong to a config with other shapes.
+A run resumes from the newest good checkpoint of its workdir (``prepare_workdir``);
+``check_compatible`` refuses a workdir whose checkpoints belong to a config with
+other shapes.
 
 Integrity: Orbax writes a step into a temporary directory and renames it when
 complete, so an interrupted save never counts. Once a save has finished, the
@@ -15,6 +17,9 @@ marker (a step without one, saved just before a kill, is checked for its items
 only); a torn or corrupt step is skipped and later set aside as
 ``<step>.corrupt``, never deleted. Old steps are deleted (keep-last-K) only after
 a newer one is complete and marked.
+
+Preemption: within ``with StopSignals()``, SIGTERM/SIGINT ask the loop to save
+the step it is at and stop (``PreemptionError``); a second signal aborts at once.
 """
 
 from __future__ import annotations
@@ -22,6 +27,9 @@ from __future__ import annotations
 import hashlib
 import json
 import pathlib
+import signal
+import sys
+import threading
 import zlib
 from collections.abc import Mapping
 from typing import Any
@@ -162,6 +170,36 @@ def latest(workdir: str | pathlib.Path) -> tuple[int, dict[str, Any]] | None:
     return good[0] if good else None
 
 
+def resume_step(workdir: str | pathlib.Path, config: Mapping[str, Any]) -> int | None:
+    """The step to resume from: the newest intact checkpoint (None: a fresh run).
+    Refuses (ValueError, nothing touched) a workdir whose checkpoints belong to an
+    incompatible config or are all torn or corrupt. Reads files only."""
+    found = latest(workdir)
+    if found is None:
+        return None
+    step, saved = found
+    check_compatible(saved, config, str(workdir))
+    return step
+
+
+def prepare_workdir(workdir: str | pathlib.Path, config: Mapping[str, Any]) -> int | None:
+    """``resume_step``, after moving each torn or corrupt step aside (``set_aside``)
+    with a warning: the one change a run makes to its workdir before it trains."""
+    step = resume_step(workdir, config)
+    _, bad = scan(workdir)
+    if bad:
+        moved = set_aside(workdir, [s for s, _ in bad])
+        for (s, why), path in zip(bad, moved, strict=True):
+            if jax.process_index() == 0:
+                print(
+                    f"warning: checkpoint {s} is torn or corrupt ({why}); skipped it and "
+                    f"moved it to {path}; resuming from step {step}",
+                    file=sys.stderr,
+                    flush=True,
+                )
+    return step
+
+
 def set_aside(workdir: str | pathlib.Path, steps: list[int]) -> list[pathlib.Path]:
     """Rename each step's directory to ``<step>.corrupt`` (``.corrupt-N`` if taken),
     on the primary process, then wait for every process. Returns the new paths."""
@@ -300,3 +338,54 @@ class Checkpointer:
         """Finish the pending save and release the manager."""
         self.finish()
         self.manager.close()
+
+    def __enter__(self) -> Checkpointer:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+class PreemptionError(Exception):
+    """SIGTERM or SIGINT stopped the run after saving a checkpoint at ``step``."""
+
+    def __init__(self, step: int, signum: int):
+        super().__init__(f"stopped by {signal.Signals(signum).name} at step {step}")
+        self.step, self.signum = step, signum
+        self.exit_code = 128 + signum  # 143 for SIGTERM, 130 for SIGINT
+
+
+class StopSignals:
+    """Within ``with``: SIGTERM/SIGINT set ``self.signum`` (the loop stops at the
+    next step boundary); a second one raises KeyboardInterrupt at once."""
+
+    SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+    def __init__(self):
+        self.signum = 0
+        self.previous = {}
+
+    def _handle(self, signum, frame):
+        if self.signum:
+            raise KeyboardInterrupt
+        self.signum = signum
+
+    def __enter__(self) -> StopSignals:
+        if threading.current_thread() is threading.main_thread():
+            self.previous = {s: signal.signal(s, self._handle) for s in self.SIGNALS}
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for s, handler in self.previous.items():
+            signal.signal(s, handler)
+
+    def agreed(self, boundary: bool) -> int:
+        """The signal to stop on, the same on every process: on one process, this
+        one's at every step; on several, any process's, agreed at ``boundary``
+        steps (logging and checkpoint steps) by a tiny all-gather."""
+        if jax.process_count() == 1:
+            return self.signum
+        if not boundary:
+            return 0
+        seen = multihost_utils.process_allgather(np.array([self.signum], np.int32))
+        return int(np.max(seen))

@@ -1,8 +1,10 @@
 """Where the numbers go: TensorBoard, ``metrics.jsonl``, a progress line, a
-summary and a PNG of the loss curves. Only the primary process writes."""
+summary and a PNG of the loss curves (only the primary process writes); and the
+throughput and MFU arithmetic."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import pathlib
@@ -42,6 +44,41 @@ def peak_flops(device_kind: str, configured: float = 0.0) -> float | None:
     return next((v for k, v in PEAK_FLOPS.items() if k.lower() in kind), None)
 
 
+class Throughput:
+    """Tokens/s and MFU of the steps between two calls of ``measure``, leaving out
+    the time spent in ``paused()`` blocks (evaluation). The clock starts at
+    ``start`` (after the first step, which compiles). ``peak``: the peak FLOP/s of
+    all the devices together (None: no MFU)."""
+
+    def __init__(self, tokens_per_step: int, flops_per_step: float, peak: float | None):
+        self.tokens, self.flops, self.peak = tokens_per_step, flops_per_step, peak
+        self.time: float | None = None
+        self.step, self.paused_s = 0, 0.0
+
+    def start(self, step: int) -> None:
+        self.time, self.step, self.paused_s = time.perf_counter(), step, 0.0
+
+    @contextlib.contextmanager
+    def paused(self):
+        t0 = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.paused_s += time.perf_counter() - t0
+
+    def measure(self, step: int) -> dict[str, float]:
+        """``tokens_per_s`` (and ``mfu``) since the last call; {} before ``start``."""
+        if self.time is None or step <= self.step:
+            return {}
+        now = time.perf_counter()
+        rate = (step - self.step) * self.tokens / (now - self.time - self.paused_s)
+        self.time, self.step, self.paused_s = now, step, 0.0
+        out = {"tokens_per_s": rate}
+        if self.peak:
+            out["mfu"] = rate / self.tokens * self.flops / self.peak
+        return out
+
+
 def _scalars(record: Mapping[str, Any]) -> dict[str, float]:
     out = {}
     for key, value in record.items():
@@ -57,11 +94,22 @@ class Writer:
     Scalars go to TensorBoard as scalars; ``expert_load`` (layers x experts) as one
     histogram and a per-layer imbalance (max load x number of experts).
     On resume, records past the restored step are dropped from the JSONL.
+    ``progress``: updated with each record. ``active=False`` (processes other than
+    the primary): writes nothing.
     """
 
-    def __init__(self, workdir: str | pathlib.Path, resume_step: int = 0):
+    def __init__(
+        self,
+        workdir: str | pathlib.Path,
+        resume_step: int = 0,
+        progress: Progress | None = None,
+        active: bool = True,
+    ):
         from tensorboardX import SummaryWriter
 
+        self.active, self.progress = active, progress
+        if not active:
+            return
         self.workdir = pathlib.Path(workdir)
         self.workdir.mkdir(parents=True, exist_ok=True)
         self.path = self.workdir / JSONL
@@ -72,13 +120,19 @@ class Writer:
         self.tb = SummaryWriter(str(self.workdir / "tensorboard"), purge_step=resume_step + 1)
 
     def write(self, step: int, record: Mapping[str, Any]) -> None:
+        if not self.active:
+            return
         row = {"step": int(step)}
         for key, value in record.items():
             row[key] = np.asarray(value).tolist()
         self.file.write(json.dumps(row) + "\n")
         self.file.flush()
-        for key, value in _scalars(record).items():
+        scalars = _scalars(record)
+        for key, value in scalars.items():
             self.tb.add_scalar(key, value, step)
+        if self.progress:
+            extra = f"  val {scalars['val_loss']:.4f}" if "val_loss" in scalars else ""
+            self.progress.update(step, scalars["loss"], scalars.get("tokens_per_s", 0), extra)
         if "expert_load" in record:
             load = np.asarray(record["expert_load"])
             self.tb.add_histogram("moe/expert_load", load, step)
@@ -88,9 +142,15 @@ class Writer:
                 )
 
     def close(self) -> None:
-        if not self.file.closed:
+        if self.active and not self.file.closed:
             self.file.close()
             self.tb.close()
+
+    def __enter__(self) -> Writer:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
 
 
 def read_jsonl(path: str | pathlib.Path) -> list[dict]:
@@ -166,6 +226,19 @@ def plot_losses(
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
+
+
+def finish(workdir: str | pathlib.Path, unigram: float, progress: Progress) -> dict[str, Any]:
+    """After a run: the loss plot, and the summary printed and written to
+    ``summary.json``; returns the final record (the last logged values)."""
+    workdir = pathlib.Path(workdir)
+    records = read_jsonl(workdir / JSONL)
+    plot_losses(records, workdir / PLOT, baseline=unigram)
+    final = {"unigram_loss": unigram, "workdir": str(workdir)}
+    progress.message("summary:\n" + summary(records, final))
+    record = {**(records[-1] if records else {}), **final}
+    (workdir / "summary.json").write_text(json.dumps(record, indent=2))
+    return record
 
 
 def summary(records: list[dict], extra: Mapping[str, Any]) -> str:

@@ -348,31 +348,35 @@ def flops_per_token(cfg: ModelConfig, seq_len: int) -> float:
     )
 
 
-_SIZES = {
-    # family, size: (vocab, d_model, layers, heads, base FFN width, seq, extra)
-    ("dense", "tiny"): (256, 64, 2, 4, 192, 128, {}),
-    ("dense", "small"): (1024, 256, 4, 8, 768, 256, {}),
-    ("dense", "1b"): (
-        32000,
-        2048,
-        24,
-        16,
-        8256,
-        4096,
-        dict(init_std=0.013975, dtype="bfloat16", remat="save_dots", scan_layers=True),
+PRESETS = {
+    # CPU sizes: seconds ("tiny") and minutes ("small") on 2 cores.
+    ("dense", "tiny"): dict(
+        vocab_size=256, d_model=64, n_layers=2, n_heads=4, ffn_base=192, max_seq_len=128
     ),
-    ("moe", "tiny"): (256, 64, 2, 4, 96, 128, dict(num_experts=8, top_k=2)),
-    ("moe", "small"): (1024, 256, 4, 8, 384, 256, dict(num_experts=8, top_k=2)),
-    ("moe", "1b"): (
-        50304,
-        2048,
-        16,
-        16,
-        1536,
-        4096,
-        dict(num_experts=64, top_k=8, dtype="bfloat16", remat="save_dots", scan_layers=True),
+    ("dense", "small"): dict(
+        vocab_size=1024, d_model=256, n_layers=4, n_heads=8, ffn_base=768, max_seq_len=256
     ),
-}
+    ("moe", "tiny"): dict(
+        vocab_size=256, d_model=64, n_layers=2, n_heads=4, ffn_base=96, max_seq_len=128,
+        num_experts=8, top_k=2,
+    ),
+    ("moe", "small"): dict(
+        vocab_size=1024, d_model=256, n_layers=4, n_heads=8, ffn_base=384, max_seq_len=256,
+        num_experts=8, top_k=2,
+    ),
+    # The paper's models (docs/paper_models.md): the 1B dense model and OLMoE-1B-7B.
+    ("dense", "1b"): dict(
+        vocab_size=32000, d_model=2048, n_layers=24, n_heads=16, ffn_base=8256, max_seq_len=4096,
+        init_std=0.013975, dtype="bfloat16", remat="save_dots", scan_layers=True,
+    ),
+    ("moe", "1b"): dict(
+        vocab_size=50304, d_model=2048, n_layers=16, n_heads=16, ffn_base=1536, max_seq_len=4096,
+        num_experts=64, top_k=8, dtype="bfloat16", remat="save_dots", scan_layers=True,
+    ),
+}  # fmt: skip
+"""(family, size) -> the model's fields, and ``ffn_base``: the FFN (or expert) width
+of an ungated activation (``activations.ffn_width`` gives the gated one); the MoE
+ones also give ``num_experts`` and ``top_k``."""
 
 
 def preset(family: str, size: str, act: str) -> dict:
@@ -383,22 +387,12 @@ def preset(family: str, size: str, act: str) -> dict:
     _check_choice("family", family, ("dense", "moe"))
     _check_choice("size", size, ("tiny", "small", "1b"))
     gated = acts.get_spec(act).gated
-    vocab, d, layers, heads, base, seq, extra = _SIZES[family, size]
-    extra = dict(extra)
-    cfg = dict(
-        vocab_size=vocab,
-        d_model=d,
-        n_layers=layers,
-        n_heads=heads,
-        max_seq_len=seq,
-        activation=dict(name=act),
-    )
-    width = acts.ffn_width(base, gated, multiple_of=32)
+    cfg = dict(PRESETS[family, size])
+    width = acts.ffn_width(cfg.pop("ffn_base"), gated, multiple_of=32)
+    cfg["activation"] = dict(name=act)
     if family == "dense":
         cfg["d_ff"] = width
     else:
-        moe_keys = ("num_experts", "top_k")
-        cfg["moe"] = dict(d_expert=width, **{k: extra.pop(k) for k in moe_keys})
-        cfg.update(qk_norm=True, init_std=0.02, init_truncated=True)
-    cfg.update(extra)
+        moe = dict(d_expert=width, num_experts=cfg.pop("num_experts"), top_k=cfg.pop("top_k"))
+        cfg.update(moe=moe, qk_norm=True, init_std=0.02, init_truncated=True)
     return cfg

@@ -1,4 +1,5 @@
-"""Device mesh, logical-axis rules, sharded model creation and input validation.
+"""Device mesh, logical-axis rules, sharded model creation, the shardings of the
+train state and of the batches, and input validation.
 
 Every parameter names its dimensions with logical axes (``embed``, ``mlp``,
 ``heads``, ``kv``, ``vocab``, ``expert``, ``layers``); the main activations use
@@ -12,8 +13,10 @@ from __future__ import annotations
 import dataclasses
 import math
 from collections.abc import Mapping, Sequence
+from typing import Any
 
 import jax
+import numpy as np
 from flax import nnx
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
@@ -152,6 +155,40 @@ def create_model(
 def batch_sharding(mesh: Mesh) -> NamedSharding:
     """For [B, L] inputs: B split over the data-parallel axes."""
     return NamedSharding(mesh, PartitionSpec(BATCH_AXES, None))
+
+
+def put_batch(local: Mapping[str, np.ndarray], sharding: NamedSharding) -> dict[str, Array]:
+    """This process's rows of a batch (numpy) -> global arrays sharded by ``sharding``."""
+    return {
+        k: jax.make_array_from_process_local_data(sharding, np.asarray(v)) for k, v in local.items()
+    }
+
+
+def microbatches(batch: Mapping[str, Array], k: int, sharding: NamedSharding) -> dict[str, Array]:
+    """[B, ...] -> [k, B/k, ...], microbatch j = rows j, j+k, ... so that every
+    device holds its share of every microbatch (``sharding``: the batch's)."""
+
+    def split(x):
+        x = x.reshape(x.shape[0] // k, k, *x.shape[1:]).swapaxes(0, 1)
+        spec = PartitionSpec(None, *sharding.spec)
+        return jax.lax.with_sharding_constraint(x, NamedSharding(sharding.mesh, spec))
+
+    return jax.tree.map(split, dict(batch))
+
+
+def opt_shardings(opt_state: Any, mesh: Mesh, rules: Rules = DEFAULT_RULES) -> Any:
+    """The optimizer state's shardings (``opt_state`` may be abstract): the moments
+    (NNX states mirroring the parameters) as the parameters, the rest (counts)
+    replicated."""
+    return jax.tree.map(
+        lambda x: (
+            model_shardings(x, mesh, rules)
+            if isinstance(x, nnx.State)
+            else NamedSharding(mesh, PartitionSpec())
+        ),
+        opt_state,
+        is_leaf=lambda x: isinstance(x, nnx.State),
+    )
 
 
 def _axis_size(mesh: Mesh, mesh_axes: Sequence[str]) -> int:

@@ -1,14 +1,11 @@
-"""The trainer: train state, the jitted train and eval steps, and the loop.
+"""Training: the train state, the update step, and the loop.
 
-``Spec.from_config`` reads every section of a config once and validates it (no
-compile); ``train(spec, workdir)`` runs it; ``plan(spec)`` describes it abstractly
-(``launch.py --dry_run``).
-
-The train state is the NNX model split into parameters and the rest (RNG
-counters), the optimizer state and the step. The step is one jit with explicit
-shardings and the state donated; gradient accumulation is a ``lax.scan`` over
-microbatches inside it. The loop reads values back from the devices only at
-logging, evaluation and checkpoint steps.
+``train(spec, workdir)`` runs a validated config (``polyjax.config.Spec``),
+resuming from the newest intact checkpoint of ``workdir``. The update step is one
+jit with explicit shardings and the state donated (gradient accumulation: a
+``lax.scan`` over microbatches inside it), built by ``make_steps``. The loop
+dispatches step t before it reads step t-1's metrics, so the host waits for the
+devices only to evaluate and to save.
 """
 
 from __future__ import annotations
@@ -18,166 +15,28 @@ import functools
 import json
 import math
 import pathlib
-import signal
 import sys
-import threading
-import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any, TextIO
 
 import flax.struct
 import jax
 import jax.numpy as jnp
-import ml_collections
 import numpy as np
 import optax
 from flax import nnx
-from jax.experimental import multihost_utils
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from polyjax import checkpoint as ckpt
-from polyjax import config as pc
 from polyjax import metrics as mx
-from polyjax import optim
+from polyjax import nonfinite, optim
 from polyjax import sharding as shd
-from polyjax.data import DataConfig, make_pipeline
-from polyjax.fields import from_mapping
-from polyjax.model import ModelConfig, flops_per_token, param_counts
+from polyjax.config import Spec
+from polyjax.data import make_pipeline
+from polyjax.model import flops_per_token
 
 Batch = Mapping[str, jax.Array]
-
-
-NONFINITE_POLICIES = ("stop", "skip")
-
-
-@dataclasses.dataclass(frozen=True)
-class TrainConfig:
-    """The loop. Intervals are in steps (0 disables); ``peak_flops`` is one
-    device's peak FLOP/s for the MFU (0: looked up from the device kind).
-
-    ``nonfinite``: what a NaN/Inf in the loss or the gradients does. Either way the
-    step does not apply that update. "stop": the parameters and optimizer state stay
-    at the last good step and the run stops with a report at the next logging or
-    checkpoint step. "skip": the update is skipped and the run goes on; it stops
-    with a report once more than ``max_skips`` updates in total have been skipped.
-    """
-
-    steps: int = 1000
-    seed: int = 0
-    log_every: int = 50
-    eval_every: int = 200
-    eval_batches: int = 8
-    checkpoint_every: int = 500
-    keep_checkpoints: int = 3
-    async_checkpoint: bool = True
-    peak_flops: float = 0.0
-    nonfinite: str = "stop"
-    max_skips: int = 10
-
-    def __post_init__(self):
-        minimum = {"steps": 1, "log_every": 1, "eval_batches": 1, "keep_checkpoints": 1}
-        minimum.update(eval_every=0, checkpoint_every=0, seed=0, max_skips=0)
-        for name, low in minimum.items():
-            value = getattr(self, name)
-            if not (isinstance(value, int) and not isinstance(value, bool) and value >= low):
-                raise ValueError(f"train.{name} must be an integer >= {low}, got {value!r}")
-        if not self.peak_flops >= 0:
-            raise ValueError(f"train.peak_flops must be >= 0, got {self.peak_flops!r}")
-        if self.nonfinite not in NONFINITE_POLICIES:
-            raise ValueError(
-                f"train.nonfinite must be one of {', '.join(NONFINITE_POLICIES)}, "
-                f"got {self.nonfinite!r}"
-            )
-
-    @classmethod
-    def from_dict(cls, d: Mapping[str, Any]) -> TrainConfig:
-        return from_mapping(cls, d, "train")
-
-
-SECTIONS = ("name", "model", "data", "optim", "train", "mesh")
-TYPED_SECTIONS = {
-    "model": ModelConfig,
-    "data": DataConfig,
-    "optim": optim.OptimConfig,
-    "train": TrainConfig,
-}
-
-
-@dataclasses.dataclass(frozen=True)
-class Spec:
-    """A validated run: typed configs, the mesh, the plain config (for checkpoints)."""
-
-    name: str
-    model: ModelConfig
-    data: DataConfig
-    optim: optim.OptimConfig
-    train: TrainConfig
-    mesh: jax.sharding.Mesh
-    rules: tuple
-    config: dict
-
-    @classmethod
-    def from_config(cls, config: ml_collections.ConfigDict) -> Spec:
-        """Read and check every section (ValueError naming the field); nothing compiles."""
-        unknown = sorted(set(config.keys()) - set(SECTIONS))
-        if unknown:
-            raise ValueError(f"config: unknown section(s) {unknown}; valid: {', '.join(SECTIONS)}")
-        plain = config.to_dict()
-        if not isinstance(plain.get("name"), str):
-            raise ValueError(f"name={plain.get('name')!r}: expected str")
-        for section, section_cls in TYPED_SECTIONS.items():
-            if not isinstance(plain.get(section), Mapping):
-                raise ValueError(f"config: section {section} is missing or not a mapping")
-            pc.check_types(section_cls, plain[section], section)
-        mesh_shape = plain.get("mesh")
-        bad_axes = sorted(set(mesh_shape or {}) - set(shd.MESH_AXES))
-        if not isinstance(mesh_shape, Mapping) or bad_axes:
-            raise ValueError(f"mesh: unknown axes {bad_axes}; valid: {', '.join(shd.MESH_AXES)}")
-        for axis, size in mesh_shape.items():
-            if not (isinstance(size, int) and not isinstance(size, bool) and size >= -1 and size):
-                raise ValueError(f"mesh.{axis}={size!r}: expected an integer >= 1 or -1")
-        model = _section("model", ModelConfig.from_dict, plain["model"])
-        data = _section("data", DataConfig.from_dict, plain["data"])
-        if data.seq_len > model.max_seq_len:
-            raise ValueError(
-                f"data.seq_len={data.seq_len} exceeds model.max_seq_len={model.max_seq_len}"
-            )
-        vocab = {"byte": 257, "bpe": data.vocab_size}.get(data.tokenizer, 0)
-        if vocab > model.vocab_size:
-            raise ValueError(
-                f"model.vocab_size={model.vocab_size} is smaller than the {data.tokenizer} "
-                f"tokenizer's vocabulary ({vocab})"
-            )
-        mesh = shd.make_mesh(mesh_shape)
-        shd.validate(model, mesh, data.global_batch)
-        opt = _section("optim", optim.OptimConfig.from_dict, plain["optim"])
-        data_parallel = math.prod(mesh.shape[a] for a in shd.batch_sharding(mesh).spec[0])
-        if data.global_batch % (data_parallel * opt.grad_accum):
-            raise ValueError(
-                f"data.global_batch={data.global_batch} must be a multiple of the "
-                f"data-parallel size ({data_parallel}) x optim.grad_accum ({opt.grad_accum})"
-            )
-        tcfg = _section("train", TrainConfig.from_dict, plain["train"])
-        return cls(
-            name=plain["name"],
-            model=model,
-            data=data,
-            optim=opt,
-            train=tcfg,
-            mesh=mesh,
-            rules=shd.DEFAULT_RULES,
-            config=json.loads(json.dumps(plain)),
-        )
-
-
-def _section(name: str, build, d: Mapping[str, Any]):
-    """``build(d)``, its ValueError prefixed with the section's name."""
-    try:
-        return build(d)
-    except ValueError as e:
-        msg = str(e)
-        raise ValueError(msg if msg.startswith(f"{name}") else f"{name}: {msg}") from None
 
 
 @flax.struct.dataclass
@@ -195,8 +54,8 @@ class TrainState:
     bad_step: jax.Array  # int32 scalar: 0 = none
 
 
-# ----------------------------------------------------------------------------
-# Pure functions: loss, steps.
+# =============================================================================
+# The update step: pure functions of the state and a batch.
 
 
 def cross_entropy_sum(
@@ -218,17 +77,11 @@ def _forward(graphdef: nnx.GraphDef, params: nnx.State, rest: nnx.State, batch: 
     return ce_sum, aux, nnx.split(model, nnx.Param, ...)[2]
 
 
-def _microbatches(batch: Batch, k: int, sharding: NamedSharding) -> Batch:
-    """[B, ...] -> [k, B/k, ...], microbatch j = rows j, j+k, ... so that every
-    device holds its share of every microbatch."""
-
-    def split(x):
-        x = x.reshape(x.shape[0] // k, k, *x.shape[1:]).swapaxes(0, 1)
-        return jax.lax.with_sharding_constraint(
-            x, NamedSharding(sharding.mesh, P(None, *sharding.spec))
-        )
-
-    return jax.tree.map(split, batch)
+def _loss(graphdef, params, rest, batch, *, total_weight, aux_div):
+    """The loss (token cross-entropy / ``total_weight`` + MoE aux / ``aux_div``),
+    and (cross-entropy sum, aux terms, the model's new non-parameter state)."""
+    ce_sum, aux, rest = _forward(graphdef, params, rest, batch)
+    return ce_sum / total_weight + aux.get("moe_aux_loss", 0.0) / aux_div, (ce_sum, aux, rest)
 
 
 def train_step(
@@ -247,12 +100,7 @@ def train_step(
     The update is applied only when the loss and the gradients are finite (and,
     under ``nonfinite="stop"``, no earlier step was non-finite)."""
     total_weight = jnp.maximum(jnp.sum(batch["weights"]), 1.0)
-
-    def loss(params, rest, mb):
-        ce_sum, aux, rest = _forward(graphdef, params, rest, mb)
-        value = ce_sum / total_weight + aux.get("moe_aux_loss", 0.0) / grad_accum
-        return value, (ce_sum, aux, rest)
-
+    loss = functools.partial(_loss, graphdef, total_weight=total_weight, aux_div=grad_accum)
     grad_fn = jax.grad(loss, has_aux=True)
     if grad_accum == 1:
         grads, (ce_sum, aux, rest) = grad_fn(state.params, state.rest, batch)
@@ -264,7 +112,7 @@ def train_step(
             return (jax.tree.map(jnp.add, grads_acc, grads), rest), (ce_sum, aux)
 
         zeros = jax.tree.map(jnp.zeros_like, state.params)
-        mbs = _microbatches(batch, grad_accum, batch_sharding)
+        mbs = shd.microbatches(batch, grad_accum, batch_sharding)
         (grads, rest), (ce_sums, auxs) = jax.lax.scan(body, (zeros, state.rest), mbs)
         ce_sum = jnp.sum(ce_sums)
         aux = {
@@ -292,62 +140,10 @@ def train_step(
         "grad_norm": grad_norm,
         "lr": schedule(state.step),
         "nonfinite": new_state.nonfinite,
-        **{k: v for k, v in aux.items()},
+        "bad_step": new_state.bad_step,  # for the check; not logged
+        **aux,
     }
     return new_state, metrics
-
-
-def diagnose(
-    state: TrainState, batch: Batch, *, graphdef: nnx.GraphDef
-) -> tuple[jax.Array, dict[str, jax.Array], dict[str, jax.Array], dict[str, jax.Array]]:
-    """The loss of ``batch`` at ``state``, and per parameter (path -> value): the
-    gradient's norm, whether it is finite, and the PolyCom coefficients."""
-    total_weight = jnp.maximum(jnp.sum(batch["weights"]), 1.0)
-
-    def loss(params):
-        ce_sum, aux, _ = _forward(graphdef, params, state.rest, batch)
-        return ce_sum / total_weight + aux.get("moe_aux_loss", 0.0)
-
-    value, grads = jax.value_and_grad(loss)(state.params)
-    flat = {_path(p): g for p, g in nnx.to_flat_state(grads)}
-    norms = {k: jnp.sqrt(jnp.sum(jnp.square(g.get_value()))) for k, g in flat.items()}
-    finite = {k: jnp.all(jnp.isfinite(g.get_value())) for k, g in flat.items()}
-    coeffs = {
-        _path(p): v.get_value()
-        for p, v in nnx.to_flat_state(state.params)
-        if "coeffs" in map(str, p)
-    }
-    return value, norms, finite, coeffs
-
-
-def _path(path: tuple) -> str:
-    return ".".join(map(str, path))
-
-
-def nonfinite_report(
-    step: int, loss: float, norms: Mapping, finite: Mapping, coeffs: Mapping, why: str
-) -> str:
-    """A readable report of a non-finite step (values from ``diagnose``)."""
-    bad = [k for k, ok in finite.items() if not ok]
-    layers: dict[str, float] = {}
-    for key, norm in norms.items():
-        parts = key.split(".")
-        group = ".".join(parts[:2]) if len(parts) > 1 and parts[1].isdigit() else parts[0]
-        layers[group] = math.hypot(layers.get(group, 0.0), float(norm))
-    lines = [
-        f"non-finite values at step {step}: {why}",
-        f"  loss at the last good state on that batch: {loss}"
-        + ("  (non-finite)" if not math.isfinite(loss) else ""),
-        f"  non-finite gradient leaves ({len(bad)} of {len(finite)}): "
-        + (", ".join(bad) if bad else "none"),
-        "  gradient norm per layer: "
-        + ", ".join(f"{k} {v:.4g}" for k, v in sorted(layers.items())),
-        "  activation coefficients (PolyCom weight/bias per layer):",
-        *(f"    {k}: {np.array2string(np.asarray(v), precision=4)}" for k, v in coeffs.items()),
-    ]
-    if not coeffs:
-        lines[-1] += " none (no PolyCom activation)"
-    return "\n".join(lines)
 
 
 def eval_step(graphdef: nnx.GraphDef, params: nnx.State, rest: nnx.State, batch: Batch):
@@ -356,352 +152,212 @@ def eval_step(graphdef: nnx.GraphDef, params: nnx.State, rest: nnx.State, batch:
     return ce_sum, jnp.sum(batch["weights"])
 
 
-# ----------------------------------------------------------------------------
-# Shardings and FLOPs.
+def diagnose_step(state: TrainState, batch: Batch, *, graphdef: nnx.GraphDef):
+    """``nonfinite.diagnose`` of the loss of ``batch`` at ``state``."""
+    total_weight = jnp.maximum(jnp.sum(batch["weights"]), 1.0)
+    loss = functools.partial(_loss, graphdef, total_weight=total_weight, aux_div=1)
+    return nonfinite.diagnose(lambda p: loss(p, state.rest, batch)[0], state.params)
 
 
-def opt_shardings(opt_state: Any, mesh: jax.sharding.Mesh, rules) -> Any:
-    """The optimizer state's shardings: the moments (NNX states mirroring the
-    parameters) as the parameters, everything else (counts) replicated."""
-    return jax.tree.map(
-        lambda x: (
-            shd.model_shardings(x, mesh, rules)
-            if isinstance(x, nnx.State)
-            else NamedSharding(mesh, P())
+@dataclasses.dataclass(frozen=True)
+class Steps:
+    """The jitted functions of a run and the shardings they are compiled for."""
+
+    init: Callable  # (params, rest) -> TrainState in its shardings
+    train: Callable  # (state, batch) -> (state, metrics); donates the state
+    eval: Callable  # (params, rest, batch) -> (sum of weighted CE, sum of weights)
+    diagnose: Callable  # (state, batch) -> diagnose_step's values
+    state_shardings: TrainState
+    batch_sharding: NamedSharding
+
+
+def make_steps(spec: Spec, model: nnx.Module) -> Steps:
+    """The jitted steps of ``spec`` for ``model``'s structure (its values are never
+    read: ``steps.train.lower(...)`` on an abstract state compiles nothing big)."""
+    mesh, rules, steps = spec.mesh, spec.rules, spec.train.steps
+    graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+    eval_view = nnx.view(model, deterministic=True, raise_if_not_found=False)
+    eval_graphdef = nnx.split(eval_view, nnx.Param, ...)[0]
+    tx = optim.make_optimizer(spec.optim, steps)
+    replicated = NamedSharding(mesh, P())
+    batch_sharding = shd.batch_sharding(mesh)
+    shardings = TrainState(
+        step=replicated,
+        params=shd.model_shardings(params, mesh, rules),
+        opt_state=shd.opt_shardings(jax.eval_shape(tx.init, params), mesh, rules),
+        rest=shd.model_shardings(rest, mesh, rules),
+        nonfinite=replicated,
+        bad_step=replicated,
+    )
+    zero = lambda: jnp.zeros((), jnp.int32)
+    update = functools.partial(
+        train_step,
+        graphdef=graphdef,
+        tx=tx,
+        schedule=optim.lr_schedule(spec.optim, steps),
+        grad_accum=spec.optim.grad_accum,
+        batch_sharding=batch_sharding,
+        nonfinite=spec.train.nonfinite,
+    )
+    return Steps(
+        init=jax.jit(
+            lambda p, r: TrainState(zero(), p, tx.init(p), r, zero(), zero()),
+            out_shardings=shardings,
         ),
-        opt_state,
-        is_leaf=lambda x: isinstance(x, nnx.State),
+        train=jax.jit(
+            update,
+            in_shardings=(shardings, batch_sharding),
+            out_shardings=(shardings, replicated),
+            donate_argnums=0,
+        ),
+        eval=jax.jit(
+            functools.partial(eval_step, eval_graphdef),
+            in_shardings=(shardings.params, shardings.rest, batch_sharding),
+            out_shardings=replicated,
+        ),
+        diagnose=jax.jit(functools.partial(diagnose_step, graphdef=graphdef)),
+        state_shardings=shardings,
+        batch_sharding=batch_sharding,
     )
 
 
-# ----------------------------------------------------------------------------
+# =============================================================================
 # The run.
-
-
-def _global_batch(local: Mapping[str, np.ndarray], sharding: NamedSharding) -> Batch:
-    return {
-        k: jax.make_array_from_process_local_data(sharding, np.asarray(v)) for k, v in local.items()
-    }
-
-
-class Trainer:
-    """Everything a run needs, built from a ``Spec``: the model (sharded), the
-    optimizer, the compiled steps, the data and the checkpointer."""
-
-    def __init__(self, spec: Spec, workdir: str | pathlib.Path):
-        self.spec = spec
-        self.workdir = pathlib.Path(workdir)
-        self.checkpointer = ckpt.Checkpointer(
-            workdir,
-            every=spec.train.checkpoint_every,
-            keep=spec.train.keep_checkpoints,
-            async_save=spec.train.async_checkpoint,
-        )
-        mesh, rules = spec.mesh, spec.rules
-        self.pipeline = make_pipeline(
-            spec.data, process_index=jax.process_index(), process_count=jax.process_count()
-        )
-        vocab = self.pipeline.tokenizer.vocab_size
-        if vocab > spec.model.vocab_size:
-            raise ValueError(
-                f"model.vocab_size={spec.model.vocab_size} is smaller than the tokenizer's "
-                f"vocabulary ({vocab}); set model.vocab_size >= {vocab}"
-            )
-        model = shd.create_model(spec.model, mesh, rules, spec.train.seed)
-        self.graphdef, params, rest = nnx.split(model, nnx.Param, ...)
-        self.eval_graphdef = nnx.split(
-            nnx.view(model, deterministic=True, raise_if_not_found=False), nnx.Param, ...
-        )[0]
-        self.schedule = optim.lr_schedule(spec.optim, spec.train.steps)
-        tx = optim.make_optimizer(spec.optim, spec.train.steps)
-        self.batch_sharding = shd.batch_sharding(mesh)
-        replicated = NamedSharding(mesh, P())
-        opt_abstract = jax.eval_shape(tx.init, params)
-        self.state_shardings = TrainState(
-            step=replicated,
-            params=shd.model_shardings(params, mesh, rules),
-            opt_state=opt_shardings(opt_abstract, mesh, rules),
-            rest=shd.model_shardings(rest, mesh, rules),
-            nonfinite=replicated,
-            bad_step=replicated,
-        )
-        zero = lambda: jnp.zeros((), jnp.int32)
-        init = jax.jit(
-            lambda p, r: TrainState(zero(), p, tx.init(p), r, zero(), zero()),
-            out_shardings=self.state_shardings,
-        )
-        self.state = init(params, rest)
-        self.train_step = jax.jit(
-            functools.partial(
-                train_step,
-                graphdef=self.graphdef,
-                tx=tx,
-                schedule=self.schedule,
-                grad_accum=spec.optim.grad_accum,
-                batch_sharding=self.batch_sharding,
-                nonfinite=spec.train.nonfinite,
-            ),
-            in_shardings=(self.state_shardings, self.batch_sharding),
-            out_shardings=(self.state_shardings, replicated),
-            donate_argnums=0,
-        )
-        self.eval_step = jax.jit(
-            functools.partial(eval_step, self.eval_graphdef),
-            in_shardings=(
-                self.state_shardings.params,
-                self.state_shardings.rest,
-                self.batch_sharding,
-            ),
-            out_shardings=replicated,
-        )
-        self.data_iter = self.pipeline.train_iter()
-        self.checked = (0, self.data_iter.get_state())  # (step, data state) at the last check
-        self.skips_seen = 0
-        self.eval_data = [
-            _global_batch(b, self.batch_sharding)
-            for b in self.pipeline.eval_batches(spec.train.eval_batches)
-        ]
-
-    def restore(self, step: int) -> None:
-        self.state, data_state = self.checkpointer.restore(step, self.state)
-        self.data_iter.set_state(data_state)
-        self.checked = (step, data_state)
-
-    def save(self) -> None:
-        self.checkpointer.save(
-            int(self.state.step), self.state, self.data_iter.get_state(), self.spec.config
-        )
-
-    def evaluate(self) -> dict[str, float]:
-        sums = [self.eval_step(self.state.params, self.state.rest, b) for b in self.eval_data]
-        ce, weight = np.sum(jax.device_get(sums), axis=0)
-        loss = float(ce / max(weight, 1.0))
-        return {"val_loss": loss, "val_ppl": math.exp(min(loss, 80.0))}
-
-    def next_batch(self) -> Batch:
-        return _global_batch(next(self.data_iter), self.batch_sharding)
-
-    def step(self) -> dict[str, jax.Array]:
-        """Train on the next batch; the metrics stay on the devices."""
-        self.state, metrics = self.train_step(self.state, self.next_batch())
-        return metrics
-
-    def check_finite(self) -> None:
-        """At a logging or checkpoint step (the host reads two scalars): raise
-        ``NonFiniteError`` with a report when the policy says stop; warn of skips."""
-        count, bad_step = (
-            int(x) for x in jax.device_get((self.state.nonfinite, self.state.bad_step))
-        )
-        step = int(self.state.step)
-        tcfg = self.spec.train
-        if count and tcfg.nonfinite == "stop":
-            why = "train.nonfinite='stop'; the state was kept at the last good step"
-        elif count > tcfg.max_skips:
-            why = f"{count} updates skipped in total, more than train.max_skips={tcfg.max_skips}"
-        else:
-            if count > self.skips_seen and jax.process_index() == 0:
-                print(
-                    f"warning: skipped {count - self.skips_seen} non-finite update(s) by step "
-                    f"{step} (latest at step {bad_step}; {count} in total, limit {tcfg.max_skips})",
-                    file=sys.stderr,
-                    flush=True,
-                )
-            self.skips_seen = count
-            self.checked = (step, self.data_iter.get_state())
-            return
-        raise NonFiniteError(bad_step, self.report(bad_step, why))
-
-    def report(self, bad_step: int, why: str) -> str:
-        """Replay the batch of ``bad_step`` (from the data state of the last check)
-        and diagnose it at the current state."""
-        checked_step, data_state = self.checked
-        self.data_iter.set_state(data_state)
-        for _ in range(bad_step - checked_step - 1):
-            next(self.data_iter)
-        fn = jax.jit(functools.partial(diagnose, graphdef=self.graphdef))
-        loss, norms, finite, coeffs = jax.device_get(fn(self.state, self.next_batch()))
-        return nonfinite_report(bad_step, float(loss), norms, finite, coeffs, why)
-
-
-class NonFiniteError(RuntimeError):
-    """A NaN or Inf stopped the run; ``str()`` is the report."""
-
-    def __init__(self, step: int, report: str):
-        super().__init__(report)
-        self.step = step
-
-
-class PreemptionError(Exception):
-    """SIGTERM or SIGINT stopped the run after saving a checkpoint at ``step``."""
-
-    def __init__(self, step: int, signum: int):
-        super().__init__(f"stopped by {signal.Signals(signum).name} at step {step}")
-        self.step, self.signum = step, signum
-        self.exit_code = 128 + signum  # 143 for SIGTERM, 130 for SIGINT
-
-
-class StopSignals:
-    """Within ``with``: SIGTERM/SIGINT set ``self.signum`` (the loop stops at the
-    next step boundary); a second one raises KeyboardInterrupt at once."""
-
-    SIGNALS = (signal.SIGTERM, signal.SIGINT)
-
-    def __init__(self):
-        self.signum = 0
-        self.previous = {}
-
-    def _handle(self, signum, frame):
-        if self.signum:
-            raise KeyboardInterrupt
-        self.signum = signum
-
-    def __enter__(self):
-        if threading.current_thread() is threading.main_thread():
-            self.previous = {s: signal.signal(s, self._handle) for s in self.SIGNALS}
-        return self
-
-    def __exit__(self, *exc):
-        for s, handler in self.previous.items():
-            signal.signal(s, handler)
-
-    def agreed(self, boundary: bool) -> int:
-        """The signal to stop on, the same on every process: on one process, this
-        one's at every step; on several, any process's, agreed at ``boundary``
-        steps (logging and checkpoint steps) by a tiny all-gather."""
-        if jax.process_count() == 1:
-            return self.signum
-        if not boundary:
-            return 0
-        seen = multihost_utils.process_allgather(np.array([self.signum], np.int32))
-        return int(np.max(seen))
-
-
-def prepare_workdir(spec: Spec, workdir: str | pathlib.Path) -> int | None:
-    """The step to resume from: the newest intact checkpoint (None: a fresh run).
-    Refuses (ValueError, nothing touched) a workdir whose checkpoints belong to an
-    incompatible config or whose checkpoints are all torn or corrupt."""
-    found = ckpt.latest(workdir)
-    if found is None:
-        return None
-    step, saved = found
-    ckpt.check_compatible(saved, spec.config, str(workdir))
-    return step
 
 
 def train(spec: Spec, workdir: str | pathlib.Path, out: TextIO | None = None) -> dict[str, Any]:
     """Run (or resume) ``spec`` in ``workdir``; returns the final metrics."""
-    out = out or sys.stdout
+    # --- Config and mesh. -----------------------------------------------------
+    tcfg, mesh, workdir = spec.train, spec.mesh, pathlib.Path(workdir)
     primary = jax.process_index() == 0
-    say = (lambda s: print(s, file=out, flush=True)) if primary else (lambda s: None)
-    resume = prepare_workdir(spec, workdir)
-    _, bad = ckpt.scan(workdir)
-    if bad:
-        moved = ckpt.set_aside(workdir, [s for s, _ in bad])
-        for (s, why), path in zip(bad, moved, strict=True):
-            if primary:
-                print(
-                    f"warning: checkpoint {s} is torn or corrupt ({why}); skipped it and "
-                    f"moved it to {path}; resuming from step {resume}",
-                    file=sys.stderr,
-                    flush=True,
-                )
-    trainer = Trainer(spec, workdir)
-    tcfg = spec.train
-    writer = None
-    signals = StopSignals().__enter__()
-    try:
+    say = lambda s: print(s, file=out or sys.stdout, flush=True) if primary else None
+
+    # --- The workdir: torn checkpoints set aside, before anything compiles. ---
+    resume = ckpt.prepare_workdir(workdir, spec.config)
+    start = resume or 0
+
+    # --- Input pipeline. --------------------------------------------------------
+    pipeline = make_pipeline(
+        spec.data, process_index=jax.process_index(), process_count=jax.process_count()
+    )
+    vocab = pipeline.tokenizer.vocab_size
+    if vocab > spec.model.vocab_size:
+        raise ValueError(
+            f"model.vocab_size={spec.model.vocab_size} is smaller than the tokenizer's "
+            f"vocabulary ({vocab}); set model.vocab_size >= {vocab}"
+        )
+    data_iter = pipeline.train_iter()
+    next_batch = lambda: shd.put_batch(next(data_iter), steps.batch_sharding)
+
+    # --- Model and optimizer; shard and transfer. -------------------------------
+    model = shd.create_model(spec.model, mesh, spec.rules, tcfg.seed)  # created sharded
+    steps = make_steps(spec, model)
+    state = steps.init(*nnx.split(model, nnx.Param, ...)[1:])
+    del model
+
+    with (
+        ckpt.Checkpointer(
+            workdir,
+            every=tcfg.checkpoint_every,
+            keep=tcfg.keep_checkpoints,
+            async_save=tcfg.async_checkpoint,
+        ) as checkpointer,
+        ckpt.StopSignals() as signals,
+        mx.Writer(workdir, start, mx.Progress(tcfg.steps, start, out), primary) as writer,
+    ):
+        # --- Checkpoint/resume. ---------------------------------------------------
         if resume is not None:
-            trainer.restore(resume)
+            state, data_state = checkpointer.restore(resume, state)
+            data_iter.set_state(data_state)
             say(f"resumed from {ckpt.directory(workdir)} at step {resume}")
-        start = int(trainer.state.step)
-        writer = mx.Writer(workdir, resume_step=start) if primary else None
         if primary:
-            (pathlib.Path(workdir) / "config.json").write_text(json.dumps(spec.config, indent=2))
-        progress = mx.Progress(tcfg.steps, start, out)
-        unigram = trainer.pipeline.unigram_loss()
-        tokens_per_step = spec.data.global_batch * spec.data.seq_len
-        flops_per_step = flops_per_token(spec.model, spec.data.seq_len) * tokens_per_step
+            (workdir / "config.json").write_text(json.dumps(spec.config, indent=2))
+
+        # --- Evals. ------------------------------------------------------------
+        eval_data = [
+            shd.put_batch(b, steps.batch_sharding) for b in pipeline.eval_batches(tcfg.eval_batches)
+        ]
+
+        def evaluate() -> dict[str, float]:
+            sums = [steps.eval(state.params, state.rest, b) for b in eval_data]
+            ce, weight = np.sum(jax.device_get(sums), axis=0)
+            loss = float(ce / max(weight, 1.0))
+            return {"val_loss": loss, "val_ppl": math.exp(min(loss, 80.0))}
+
+        # --- The loop. -----------------------------------------------------------
+        unigram = pipeline.unigram_loss()
+        tokens = spec.data.global_batch * spec.data.seq_len
+        flops = flops_per_token(spec.model, spec.data.seq_len) * tokens
         peak = mx.peak_flops(jax.devices()[0].device_kind, tcfg.peak_flops)
+        meter = mx.Throughput(tokens, flops, peak and peak * jax.device_count())
+        policy = nonfinite.Policy(tcfg.nonfinite, tcfg.max_skips, (start, data_iter.get_state()))
         say(
-            f"{spec.name}: {tcfg.steps} steps of {tokens_per_step} tokens on "
+            f"{spec.name}: {tcfg.steps} steps of {tokens} tokens on "
             f"{jax.device_count()} {jax.devices()[0].platform} device(s); "
             f"unigram baseline {unigram:.4f} nats/token"
         )
-        loss_sum, loss_count, t_last, step_last = 0.0, 0, None, start
-        record: dict[str, Any] = {}
+
+        def log(step: int, metrics: dict, evals: dict, data_state: Any) -> dict:
+            """Read a logged step's values back and write them; stop if the
+            non-finite policy says so, with a report on the bad step's batch
+            (replayed from the last check passed) diagnosed at ``state``."""
+            record = {**jax.device_get(metrics), **meter.measure(step), **evals}
+            bad_step = int(record.pop("bad_step"))
+            writer.write(step, record)
+            why = policy.why_stop(step, int(record["nonfinite"]), bad_step, data_state)
+            if why:
+                checked_step, checked_data = policy.checked
+                data_iter.set_state(checked_data)
+                for _ in range(bad_step - checked_step - 1):
+                    next(data_iter)
+                loss, *values = jax.device_get(steps.diagnose(state, next_batch()))
+                report = nonfinite.report(bad_step, float(loss), *values, why)
+                raise nonfinite.NonFiniteError(bad_step, report)
+            return record
+
+        losses, pending, record = [], None, {}
         for step in range(start + 1, tcfg.steps + 1):
-            metrics = trainer.step()
-            loss_sum, loss_count = loss_sum + metrics["loss"], loss_count + 1
-            if t_last is None:  # the first step compiles: time from its end
+            state, metrics = steps.train(state, next_batch())
+            losses.append(metrics["loss"])
+            if step == start + 1:  # the first step compiles: time from its end
                 jax.block_until_ready(metrics)
-                t_last, step_last = time.perf_counter(), step
+                meter.start(step)
+            if pending:  # step t-1's metrics, read while step t runs
+                record, pending = log(*pending), None
             last = step == tcfg.steps
-            log = step % tcfg.log_every == 0 or last
-            evaluate = (tcfg.eval_every and step % tcfg.eval_every == 0) or last
-            if log or evaluate:
-                record = jax.device_get(dict(metrics, loss=loss_sum / loss_count))
-                loss_sum, loss_count = 0.0, 0
-                now = time.perf_counter()
-                if step > step_last:
-                    rate = (step - step_last) * tokens_per_step / (now - t_last)
-                    record["tokens_per_s"] = rate
-                    if peak:
-                        record["mfu"] = (
-                            rate / tokens_per_step * flops_per_step / (peak * jax.device_count())
-                        )
-                    t_last, step_last = now, step
-                if evaluate:
-                    record.update(trainer.evaluate())
-                    t_last = time.perf_counter()  # evaluation is not training time
-                if writer:
-                    writer.write(step, record)
-                    extra = f"  val {record['val_loss']:.4f}" if evaluate else ""
-                    progress.update(
-                        step, float(record["loss"]), record.get("tokens_per_s", 0), extra
-                    )
-            save = trainer.checkpointer.due(step) or last
-            stop = signals.agreed(log or save)
-            if log or save or stop:  # never save a non-finite state
-                trainer.check_finite()
-            if save or stop:
-                trainer.save()
+            evaluating = (tcfg.eval_every and step % tcfg.eval_every == 0) or last
+            save = checkpointer.due(step) or last
+            stop = signals.agreed(step % tcfg.log_every == 0 or evaluating or save)
+            if step % tcfg.log_every == 0 or evaluating or save or stop:
+                with meter.paused():
+                    evals = evaluate() if evaluating else {}
+                mean = dict(metrics, loss=sum(losses) / len(losses))
+                losses, pending = [], (step, mean, evals, data_iter.get_state())
+            if save or stop:  # read back and checked first: never save a non-finite state
+                record, pending = log(*pending), None
+                checkpointer.save(step, state, data_iter.get_state(), spec.config)
             if stop:
-                trainer.checkpointer.finish()
-                raise PreemptionError(step, stop)
-        if writer:
+                checkpointer.finish()
+                raise ckpt.PreemptionError(step, stop)
+        if pending:
+            record = log(*pending)
+
+        if primary:
             writer.close()
-            records = mx.read_jsonl(writer.path)
-            mx.plot_losses(records, pathlib.Path(workdir) / mx.PLOT, baseline=unigram)
-            final = {"unigram_loss": unigram, "workdir": str(workdir)}
-            progress.message("summary:\n" + mx.summary(records, final))
-            record = {**(records[-1] if records else {}), **final}
-            (pathlib.Path(workdir) / "summary.json").write_text(json.dumps(record, indent=2))
+            record = mx.finish(workdir, unigram, writer.progress)
         return {**record, "unigram_loss": unigram}
-    finally:
-        signals.__exit__()
-        if writer:
-            writer.close()
-        trainer.checkpointer.close()
 
 
-# ----------------------------------------------------------------------------
-# The dry run.
-
-
-def plan(spec: Spec) -> str:
-    """Parameter counts, the mesh and the sharding plan, computed abstractly."""
-    counts = param_counts(spec.model)
-    mesh = spec.mesh
-    return "\n".join(
-        [
-            f"config {spec.name}",
-            f"parameters: total {counts['total']:,}  active {counts['active']:,}  "
-            f"embedding {counts['embedding']:,}",
-            f"devices: {mesh.devices.size} x {jax.devices()[0].device_kind}",
-            f"batch: {spec.data.global_batch} x {spec.data.seq_len} tokens, "
-            f"{shd.batch_sharding(mesh).spec}, {spec.optim.grad_accum} microbatch(es)",
-            f"training FLOPs/token: {flops_per_token(spec.model, spec.data.seq_len):.4g}",
-            "sharding plan (parameter, shape, logical axes -> mesh axes):",
-            shd.describe(spec.model, mesh, spec.rules),
-        ]
-    )
+def restore_model(spec: Spec, workdir: str | pathlib.Path) -> tuple[nnx.Module, int]:
+    """The model (its evaluation view) of the newest intact checkpoint in
+    ``workdir``, and that checkpoint's step. ValueError: there is none."""
+    step = ckpt.resume_step(workdir, spec.config)
+    if step is None:
+        raise ValueError(f"{workdir}: no checkpoint to restore")
+    model = shd.create_model(spec.model, spec.mesh, spec.rules, spec.train.seed)
+    steps = make_steps(spec, model)
+    view = nnx.view(model, deterministic=True, raise_if_not_found=False)
+    graphdef, params, rest = nnx.split(view, nnx.Param, ...)
+    with ckpt.Checkpointer(workdir, every=0, keep=1, async_save=False) as checkpointer:
+        state, _ = checkpointer.restore(step, steps.init(params, rest))
+    return nnx.merge(graphdef, state.params, state.rest), step
