@@ -2,7 +2,7 @@
 Shakespeare corpus with a BPE tokenizer, a few minutes on 2 CPU cores, to a
 validation loss well below the unigram baseline."""
 
-from polyjax.config import base_config
+from configs.common import base_config
 from polyjax.model import preset
 
 

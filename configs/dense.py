@@ -3,27 +3,29 @@
     --config configs/dense.py:act=polynorm,size=1b
 
 act: any activation of polyjax.activations.REGISTRY (default polynorm).
-size: tiny (seconds on a CPU), small (minutes on a CPU) or 1b (the paper: 24
-layers, d_model 2048, 250B tokens of 64 x 4096, lr 3e-4 -> 1.5e-5).
+size: tiny (seconds on a CPU), cpu (the studies' size), small (minutes on a CPU)
+or 1b (the paper's: docs/paper_models.md).
 """
 
-from polyjax.config import CPU_SIZES, family_config
+from configs import common
 
-TRAIN = {
-    # size: (model, data, optim, train, mesh) changes to the preset and the defaults
-    **CPU_SIZES,
-    "1b": (
-        dict(),
+SIZES = {
+    **common.SIZES,
+    "1b": dict(  # 24 layers, d_model 2048; 250B tokens of 64 x 4096; lr 3e-4 -> 1.5e-5
+        preset="1b",
+        model=dict(),
         # The paper trains on RedPajama-1T (not in TFDS): point data.source at it.
-        dict(source="tfds:c4/en", tokenizer="bpe", vocab_size=32000, seq_len=4096, global_batch=64),
-        dict(lr=3e-4, final_lr=1.5e-5, warmup_steps=5_913),
-        dict(
+        data=dict(
+            source="tfds:c4/en", tokenizer="bpe", vocab_size=32000, seq_len=4096, global_batch=64
+        ),
+        optim=dict(lr=3e-4, final_lr=1.5e-5, warmup_steps=5_913),
+        train=dict(
             steps=953_674, log_every=100, eval_every=5_000, eval_batches=32, checkpoint_every=2_000
         ),
-        dict(data=1, fsdp=-1),
+        mesh=dict(data=1, fsdp=-1),
     ),
 }
 
 
 def get_config(arg: str = ""):
-    return family_config("dense", arg, TRAIN)
+    return common.family_config("dense", arg, SIZES)

@@ -12,7 +12,9 @@ import csv
 import io
 import json
 import pathlib
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from types import MappingProxyType
+from typing import Any
 
 import jax
 import numpy as np
@@ -20,25 +22,24 @@ from flax import nnx
 
 from experiments import study
 from experiments.studies import STUDIES
+from polyjax import sharding as shd
 from polyjax.analysis import effective_rank, layer_similarity
+from polyjax.config import Spec
+from polyjax.data import make_pipeline
+from polyjax.train import restore_model
 
 FFN_WEIGHTS = ("w_in", "w_up", "w_out")
 
 
-def load_trained(spec, workdir: pathlib.Path):
+def load_trained(spec: Spec, workdir: pathlib.Path):
     """The model of the newest intact checkpoint in ``workdir``, and its validation batches."""
-    from polyjax.train import Trainer, prepare_workdir
-
-    step = prepare_workdir(spec, workdir)
-    if step is None:
-        raise ValueError(f"{workdir}: no checkpoint to analyse")
-    trainer = Trainer(spec, workdir)
-    try:
-        trainer.restore(step)
-    finally:
-        trainer.checkpointer.close()
-    model = nnx.merge(trainer.eval_graphdef, trainer.state.params, trainer.state.rest)
-    return model, trainer.eval_data
+    model, _ = restore_model(spec, workdir)
+    pipeline = make_pipeline(
+        spec.data, process_index=jax.process_index(), process_count=jax.process_count()
+    )
+    sharding = shd.batch_sharding(spec.mesh)
+    batches = [shd.put_batch(b, sharding) for b in pipeline.eval_batches(spec.train.eval_batches)]
+    return model, batches
 
 
 def ffn_ranks(model) -> dict[str, list[float]]:
@@ -86,18 +87,16 @@ def hidden_similarity(model, batches) -> np.ndarray:
 def main(
     out: str | pathlib.Path,
     *,
-    scale: str = "cpu",
+    size: str = "cpu",
     seeds: Sequence[int] = (0, 1, 2),
-    extra: Sequence[tuple[str, str]] = (),
+    extra: Mapping[str, Any] = MappingProxyType({}),
 ) -> None:
-    from polyjax.train import Spec
-
     out = pathlib.Path(out)
     acts = STUDIES["activations"]
     study.run(
         acts,
         out / "activations",
-        scale=scale,
+        size=size,
         seeds=seeds,
         extra=extra,
         runs_root=out.parent / "_runs",
@@ -108,7 +107,7 @@ def main(
     for arm in acts.arms:
         per_seed_ranks, per_seed_sims = [], []
         for seed in seeds:
-            spec = Spec.from_config(acts.config(arm, scale, seed, extra))
+            spec = Spec.from_config(acts.config(arm, size, seed, extra))
             workdir = pathlib.Path(index[f"{arm.label}/seed{seed}"])
             model, batches = load_trained(spec, workdir)
             per_seed_ranks.append(ffn_ranks(model))

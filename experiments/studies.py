@@ -5,17 +5,11 @@ python launch.py --experiment order   # or composition, relu_variants, activatio
 
 from __future__ import annotations
 
-import pathlib
-
 from experiments.study import Arm, Study
 
-CONFIGS = pathlib.Path(__file__).resolve().parent.parent / "configs"
-DENSE = str(CONFIGS / "dense.py")
-MOE = str(CONFIGS / "moe.py")
 
-
-def _act(label: str, family: str = DENSE) -> Arm:
-    return Arm(label, f"{family}:act={label}")
+def _act(label: str, family: str = "dense") -> Arm:
+    return Arm(label, act=label, family=family)
 
 
 STUDIES = {
@@ -26,7 +20,7 @@ STUDIES = {
             "Order of PolyReLU",
             "Figure 5a, Figure 8",
             tuple(
-                Arm(f"r={r}", f"{DENSE}:act=polyrelu", (("model.activation.order", str(r)),))
+                Arm(f"r={r}", "polyrelu", overrides=(("model.activation.order", r),))
                 for r in (1, 2, 3, 4)
             ),
             reference="r=3",
@@ -56,7 +50,7 @@ STUDIES = {
             "moe",
             "MoE experts: SwiGLU vs PolyNorm",
             "Figure 3, Table 2",
-            tuple(_act(a, MOE) for a in ("swiglu", "polynorm")),
+            tuple(_act(a, "moe") for a in ("swiglu", "polynorm")),
             reference="swiglu",
         ),
     ]

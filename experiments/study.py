@@ -14,54 +14,29 @@ import io
 import json
 import math
 import pathlib
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from types import MappingProxyType
+from typing import Any
 
 import numpy as np
 
-from polyjax import config as pc
+from configs import dense, moe
 from polyjax import metrics as mx
+from polyjax.config import Spec
+from polyjax.train import train
 
-# How a study is scaled: the config size and the budget. "cpu" is the small
-# Shakespeare setting narrowed to d_model 128 so that five arms x three seeds fit in
-# about half an hour on 2 CPU cores; "toy" is for smoke tests; "paper" is the
-# paper's model and schedule (run it on an accelerator pod).
-SCALES = {
-    "toy": (
-        "tiny",
-        (
-            ("train.steps", "4"),
-            ("train.log_every", "1"),
-            ("train.eval_every", "2"),
-            ("train.eval_batches", "1"),
-            ("train.checkpoint_every", "4"),
-        ),
-    ),
-    "cpu": (
-        "small",
-        (
-            ("model.d_model", "128"),
-            ("model.n_heads", "4"),
-            ("data.seq_len", "128"),
-            ("data.global_batch", "16"),
-            ("train.steps", "300"),
-            ("train.log_every", "20"),
-            ("train.eval_every", "50"),
-            ("train.eval_batches", "8"),
-            ("train.checkpoint_every", "300"),
-            ("optim.warmup_steps", "30"),
-        ),
-    ),
-    "paper": ("1b", ()),
-}
+FAMILIES = {"dense": dense.get_config, "moe": moe.get_config}
 
 
 @dataclasses.dataclass(frozen=True)
 class Arm:
-    """One curve of a figure: a config (``path.py:arg``, without the size) and overrides."""
+    """One curve of a figure: a family's config (``configs/<family>.py``) with
+    activation ``act`` at the study's size, and ``overrides`` (field -> value)."""
 
     label: str
-    config: str
-    overrides: tuple[tuple[str, str], ...] = ()
+    act: str
+    family: str = "dense"
+    overrides: tuple[tuple[str, Any], ...] = ()
 
 
 @dataclasses.dataclass(frozen=True)
@@ -72,17 +47,14 @@ class Study:
     arms: tuple[Arm, ...]
     reference: str  # the arm that the others are compared with
 
-    def config(self, arm: Arm, scale: str, seed: int, extra: Sequence[tuple[str, str]] = ()):
-        """The ml_collections config of one run."""
-        if scale not in SCALES:
-            raise ValueError(f"scale={scale!r}: valid scales are {', '.join(SCALES)}")
-        size, budget = SCALES[scale]
-        sep = "," if ":" in arm.config else ":"
-        cfg = pc.load(f"{arm.config}{sep}size={size}")
-        for path, raw in (*budget, *arm.overrides, *extra):
-            pc.override(cfg, path, raw)
-        pc.override(cfg, "train.seed", str(seed))
-        pc.override(cfg, "data.seed", str(seed))
+    def config(
+        self, arm: Arm, size: str, seed: int, extra: Mapping[str, Any] = MappingProxyType({})
+    ):
+        """The ml_collections config of one run (``extra``: field -> value, for every arm)."""
+        cfg = FAMILIES[arm.family](f"act={arm.act},size={size}")
+        cfg.lock()
+        seeds = {"train.seed": seed, "data.seed": seed}
+        cfg.update_from_flattened_dict({**dict(arm.overrides), **extra, **seeds})
         cfg.name = f"{self.name}-{arm.label}-seed{seed}"
         return cfg
 
@@ -103,22 +75,20 @@ def run(
     study: Study,
     out: str | pathlib.Path,
     *,
-    scale: str = "cpu",
+    size: str = "cpu",
     seeds: Sequence[int] = (0, 1, 2),
-    extra: Sequence[tuple[str, str]] = (),
+    extra: Mapping[str, Any] = MappingProxyType({}),
     runs_root: str | pathlib.Path | None = None,
 ) -> list[dict]:
     """Train every arm for every seed (skipping finished runs) under ``runs_root``
     (default: the ``_runs`` folder beside ``out``), then write the table and plots
     into ``out``; returns the table's rows."""
-    from polyjax.train import Spec, train
-
     out = pathlib.Path(out)
     root = pathlib.Path(runs_root) if runs_root else out.parent / "_runs"
     planned = []
     for arm in study.arms:
         for seed in seeds:
-            cfg = study.config(arm, scale, seed, extra)
+            cfg = study.config(arm, size, seed, extra)
             planned.append((arm, seed, Spec.from_config(cfg), run_dir(root, cfg)))
     for i, (arm, seed, spec, workdir) in enumerate(planned):
         tag = f"[{i + 1}/{len(planned)}] {arm.label} seed {seed}"

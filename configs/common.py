@@ -1,0 +1,114 @@
+"""What the config files share: the defaults every config starts from
+(``base_config``), the CPU sizes, and the ``act=...,size=...`` argument.
+
+A size names a model preset (``polyjax.model.preset``) and its changes to each
+section of the config. The dense and MoE files add the paper's "1b".
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from collections.abc import Mapping
+from typing import Any
+
+import ml_collections
+from ml_collections import config_dict
+
+from polyjax.config import TrainConfig
+from polyjax.data import DataConfig
+from polyjax.model import ModelConfig, preset
+from polyjax.optim import OptimConfig
+
+SECTIONS = ("model", "data", "optim", "train", "mesh")
+MESH = dict(data=-1, fsdp=1, tensor=1, expert=1)
+
+SIZES = {
+    "tiny": dict(  # seconds: tests and smoke runs
+        preset="tiny",
+        model=dict(vocab_size=264),  # the byte tokenizer's 257, rounded up to a multiple of 8
+        data=dict(source="shakespeare", tokenizer="byte", seq_len=64, global_batch=8),
+        optim=dict(lr=1e-3, final_lr=1e-4, warmup_steps=10),
+        train=dict(steps=100, log_every=10, eval_every=50, eval_batches=2, checkpoint_every=50),
+        mesh=dict(data=-1),
+    ),
+    "cpu": dict(  # the studies (experiments/): five arms x three seeds in ~30 min on 2 cores
+        preset="small",
+        model=dict(d_model=128, n_heads=4),
+        data=dict(
+            source="shakespeare", tokenizer="bpe", vocab_size=1024, seq_len=128, global_batch=16
+        ),
+        optim=dict(lr=1e-3, final_lr=1e-4, warmup_steps=30),
+        train=dict(steps=300, log_every=20, eval_every=50, eval_batches=8, checkpoint_every=300),
+        mesh=dict(data=-1),
+    ),
+    "small": dict(  # minutes
+        preset="small",
+        model=dict(),
+        data=dict(
+            source="shakespeare", tokenizer="bpe", vocab_size=1024, seq_len=256, global_batch=32
+        ),
+        optim=dict(lr=1e-3, final_lr=1e-4, warmup_steps=100),
+        train=dict(steps=3000, log_every=50, eval_every=500, eval_batches=8, checkpoint_every=500),
+        mesh=dict(data=-1),
+    ),
+}
+
+
+def parse_arg(arg: str, **defaults: str) -> dict[str, str]:
+    """``"act=polynorm,size=1b"`` -> ``{"act": "polynorm", "size": "1b"}`` over
+    ``defaults``; keys not in ``defaults`` are an error naming the valid ones."""
+    out = dict(defaults)
+    for item in filter(None, (s.strip() for s in (arg or "").split(","))):
+        key, sep, value = item.partition("=")
+        if not sep or key not in defaults:
+            raise ValueError(
+                f"config argument {item!r}: expected key=value with key one of "
+                f"{', '.join(defaults)}"
+            )
+        out[key] = value
+    return out
+
+
+def _section(cls: type, values: Any) -> ml_collections.ConfigDict:
+    """A dataclass's fields as a ConfigDict; a field that is None becomes a typed
+    placeholder, so that ``--config.<field>=<value>`` can still set it."""
+    hints = typing.get_type_hints(cls)
+    out = {}
+    for field in dataclasses.fields(cls):
+        value = getattr(values, field.name)
+        options = [a for a in typing.get_args(hints[field.name]) if a is not type(None)]
+        union = typing.get_origin(hints[field.name]) in (typing.Union, types.UnionType)
+        if value is None and union and len(options) == 1 and options[0] in (int, float, str):
+            value = config_dict.placeholder(options[0])
+        elif dataclasses.is_dataclass(value):
+            value = dataclasses.asdict(value)
+        out[field.name] = value
+    return ml_collections.ConfigDict(out)
+
+
+def base_config(name: str, model: Mapping[str, Any]) -> ml_collections.ConfigDict:
+    """Every section of a run with every field at its default, ``model`` (a dict for
+    ``ModelConfig.from_dict``, e.g. from ``polyjax.model.preset``) filled in."""
+    cfg = ml_collections.ConfigDict()
+    cfg.name = name
+    cfg.model = _section(ModelConfig, ModelConfig.from_dict(model))
+    cfg.data = _section(DataConfig, DataConfig())
+    cfg.optim = _section(OptimConfig, OptimConfig())
+    cfg.train = _section(TrainConfig, TrainConfig())
+    cfg.mesh = dict(MESH)
+    return cfg
+
+
+def family_config(family: str, arg: str, sizes: Mapping[str, dict]) -> ml_collections.ConfigDict:
+    """The config of ``configs/<family>.py:act=...,size=...``: the size's model
+    preset with activation ``act``, then the size's changes to each section."""
+    a = parse_arg(arg, act="polynorm", size="tiny")
+    if a["size"] not in sizes:
+        raise ValueError(f"size={a['size']!r}: valid sizes are {', '.join(sizes)}")
+    size = sizes[a["size"]]
+    cfg = base_config(f"{family}-{a['act']}-{a['size']}", preset(family, size["preset"], a["act"]))
+    for section in SECTIONS:
+        cfg[section].update(size[section])
+    return cfg
