@@ -1,144 +1,211 @@
-"""polyjax's command line: run a config, a sweep, or a dry run.
+"""polyjax's command line: train a config, a sweep, a dry run, or a study of the paper.
 
     python launch.py                                   # the main job (configs/default.py)
     python launch.py --config configs/dense.py:act=polyrelu,size=small --config.optim.lr=1e-3
     python launch.py --config configs/dense.py --sweep model.activation.order=1,2,3,4
     python launch.py --config configs/moe.py:size=1b --dry_run
-    python launch.py --experiment order --seeds 0,1,2     # a study of the paper (experiments/)
+    python launch.py --experiment order --size cpu --seeds 0,1,2   # a study (experiments/)
     python launch.py ... --coordinator 10.0.0.1:1234 --num_processes 2 --process_id 0
 
-Bad input (a misspelt field, a value of the wrong type or range, an unknown
-activation, an impossible mesh, a workdir holding another config's checkpoints or
-only torn ones) is one line on stderr and exit status 2, before anything compiles.
+Flags are absl's; ``--config path.py[:arg]`` and its typed overrides
+``--config.<field>=<value>`` are ml_collections' ``config_flags``. Bad input (an
+unknown flag or field, a value of the wrong type or range, an unknown activation,
+an impossible mesh, a workdir holding another config's checkpoints or only torn
+ones) is one line on stderr and exit status 2, before anything compiles.
 SIGTERM/SIGINT: the run saves a checkpoint at the step it stopped, prints the
 command that resumes it and exits with 143/130. Non-finite values that stop the
-run (train.nonfinite): a report on stderr and exit status 3.
+run (``train.nonfinite``): a report on stderr and exit status 3.
+
+Each mode is a function of the parsed flags that returns the exit status
+(``MODES``, by the flag that selects it); without a mode flag, ``train_mode``.
 """
 
 from __future__ import annotations
 
-import argparse
+import contextlib
+import difflib
 import itertools
 import os
 import pathlib
+import re
 import shlex
 import sys
+from collections.abc import Sequence
 
-DEFAULT_CONFIG = str(pathlib.Path(__file__).parent / "configs" / "default.py")
+import jax
+import ml_collections
+from absl import app, flags
+from absl import logging as absl_logging
+from ml_collections import config_flags
+
+from experiments import run as experiments
+from polyjax import checkpoint as ckpt
+from polyjax import nonfinite, train
+from polyjax import sharding as shd
+from polyjax.config import Spec
+from polyjax.model import flops_per_token, param_counts
+
+DEFAULT_CONFIG = str(pathlib.Path(__file__).resolve().parent / "configs" / "default.py")
 POD_ENV = ("JAX_COORDINATOR_ADDRESS", "TPU_WORKER_HOSTNAMES", "MEGASCALE_COORDINATOR_ADDRESS")
+USAGE_EXIT, NONFINITE_EXIT = 2, 3
+
+# The command line config_flags reads the --config.<field> overrides from: set by
+# ``parse_flags`` before each parse (it would read sys.argv otherwise).
+_PARSED_ARGV: list[str] = []
+# The command line as given (``run``, ``app.run``): the one a preempted run prints.
+_COMMAND: list[str] = []
+
+CONFIG = config_flags.DEFINE_config_file(
+    "config", DEFAULT_CONFIG, "path.py[:arg]", lock_config=True, sys_argv=_PARSED_ARGV
+)
+WORKDIR = flags.DEFINE_string("workdir", None, "where a run writes; default runs/<config name>")
+SWEEP = flags.DEFINE_multi_string(
+    "sweep",
+    [],
+    "field=v1,v2,...: one run per value, in <workdir>/<field>=<value>; "
+    "several --sweep: their product",
+)
+DRY_RUN = flags.DEFINE_bool("dry_run", False, "print the plan (counts, mesh, shardings); no run")
+EXPERIMENT = flags.DEFINE_string(
+    "experiment", None, f"run a study of the paper: {', '.join(experiments.NAMES)}"
+)
+SIZE = flags.DEFINE_string("size", "cpu", "with --experiment: the config size of its runs")
+SEEDS = flags.DEFINE_list("seeds", ["0", "1", "2"], "with --experiment: the seeds")
+COORDINATOR = flags.DEFINE_string("coordinator", None, "host:port of process 0 (multi-host)")
+NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "multi-host: the process count")
+PROCESS_ID = flags.DEFINE_integer("process_id", None, "multi-host: this process's index")
+FLAGS = flags.FLAGS
+app.define_help_flags()
 
 
-def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[tuple[str, str]]]:
-    """The flags, and the ``--config.<field>=<value>`` overrides in order."""
-    parser = argparse.ArgumentParser(
-        prog="launch.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    parser.add_argument("--config", default=DEFAULT_CONFIG, help="path.py[:arg]")
-    parser.add_argument("--workdir", help="default: runs/<config name>")
-    parser.add_argument(
-        "--sweep",
-        action="append",
-        default=[],
-        help="field=v1,v2,...: one run per value (several --sweep: the product)",
-    )
-    parser.add_argument("--dry_run", action="store_true", help="print the plan, do not train")
-    parser.add_argument(
-        "--experiment",
-        help="run a study of the paper by name (see experiments/run.py); "
-        "--config.* overrides apply to each of its runs",
-    )
-    parser.add_argument("--scale", default="cpu", help="with --experiment: toy, cpu or paper")
-    parser.add_argument("--seeds", default="0,1,2", help="with --experiment: seeds")
-    parser.add_argument("--coordinator", help="host:port of process 0 (multi-host)")
-    parser.add_argument("--num_processes", type=int)
-    parser.add_argument("--process_id", type=int)
-    args, rest = parser.parse_known_args(argv)
-    overrides, i = [], 0
-    while i < len(rest):
-        flag = rest[i]
-        if not flag.startswith("--config."):
-            parser.error(f"unrecognised argument {flag!r}")
-        field, sep, value = flag[len("--config.") :].partition("=")
-        if not sep:
-            if i + 1 >= len(rest):
-                parser.error(f"{flag} needs a value")
-            value, i = rest[i + 1], i + 1
-        overrides.append((field, value))
-        i += 1
-    return args, overrides
+# =============================================================================
+# Flags: parsing, and one line for anything bad.
 
 
-def init_distributed(args: argparse.Namespace) -> None:
+@contextlib.contextmanager
+def bad_input():
+    """Inside: a ValueError is the user's input at fault (an ``app.UsageError``)."""
+    try:
+        yield
+    except ValueError as e:
+        raise app.UsageError(str(e)) from None
+
+
+def parse_flags(argv: Sequence[str]) -> list[str]:
+    """Parse ``argv`` (the program first) into FLAGS and return the positional
+    arguments; any problem is an ``app.UsageError``. Safe to call again: the
+    override flags that config_flags defined for the last parse are removed."""
+    argv = list(argv)
+    if not any(re.match(r"--?config(=|$)", a) for a in argv[1:]):
+        argv.insert(1, f"--config={DEFAULT_CONFIG}")  # so that overrides apply to it
+    _PARSED_ARGV[:] = argv
+    FLAGS.unparse_flags()
+    for name in [n for n in FLAGS if n.startswith("config.")]:
+        delattr(FLAGS, name)
+    try:
+        rest = FLAGS(argv)
+    except flags.Error as e:
+        raise app.UsageError(_flag_error(e)) from None
+    except (AttributeError, KeyError) as e:  # config_flags: an override that names no field
+        raise app.UsageError(_unknown_field(argv) or repr(e)) from None
+    try:
+        CONFIG.value.to_dict()
+    except OSError as e:  # config_flags defers a file it cannot load to the first use
+        raise app.UsageError(f"--config: {_innermost(e).splitlines()[-1].strip()}") from None
+    return rest
+
+
+def _innermost(e: BaseException) -> str:
+    while e.__context__ is not None:
+        e = e.__context__
+    return str(e)
+
+
+def _flag_error(e: flags.Error) -> str:
+    """A config file's own error (from ``get_config``), or else absl's message."""
+    text = str(e)
+    return _innermost(e) if text.startswith("flag --config=") else text
+
+
+def _unknown_field(argv: Sequence[str]) -> str | None:
+    """The first ``--config.<field>`` of ``argv`` that names no field of the config,
+    with the fields whose names are close."""
+    i = next(i for i, a in enumerate(argv) if re.match(r"--?config(=|$)", a))
+    spec = argv[i].partition("=")[2] if "=" in argv[i] else argv[i + 1]
+    sections, fields = _paths(FLAGS["config"].parser.parse(spec))
+    for arg in argv:
+        path = re.match(r"--?(?:no)?config\.([^=]+)", arg)
+        if path and path[1] not in fields + sections:
+            close = difflib.get_close_matches(path[1], fields, n=3, cutoff=0.6)
+            hint = f"did you mean {' or '.join(close)}?" if close else "no close match"
+            return f"unknown config field {path[1]!r}; {hint}"
+    return None
+
+
+def _paths(cfg: ml_collections.ConfigDict, prefix: str = "") -> tuple[list[str], list[str]]:
+    """The sections and the fields of ``cfg``, as dotted paths."""
+    sections, fields = [], []
+    for key, value in cfg.items():
+        if isinstance(value, ml_collections.ConfigDict):
+            sections.append(f"{prefix}{key}")
+            inner = _paths(value, f"{prefix}{key}.")
+            sections, fields = sections + inner[0], fields + inner[1]
+        else:
+            fields.append(f"{prefix}{key}")
+    return sections, fields
+
+
+def init_distributed() -> None:
     """``jax.distributed.initialize`` when the flags or the environment ask for it."""
-    import jax
-
-    flags = (args.coordinator, args.num_processes, args.process_id)
-    explicit = any(f is not None for f in flags)
-    if explicit and any(f is None for f in flags):
-        raise ValueError("--coordinator, --num_processes and --process_id go together")
+    given = (COORDINATOR.value, NUM_PROCESSES.value, PROCESS_ID.value)
+    explicit = any(f is not None for f in given)
+    if explicit and any(f is None for f in given):
+        raise app.UsageError("--coordinator, --num_processes and --process_id go together")
     if explicit or any(os.environ.get(k) for k in POD_ENV):
         # CPU processes need a collectives implementation (no effect on GPU/TPU).
         jax.config.update("jax_cpu_collectives_implementation", "gloo")
-        if explicit:
-            jax.distributed.initialize(*flags)
-        else:
-            jax.distributed.initialize()
+        jax.distributed.initialize(*given) if explicit else jax.distributed.initialize()
 
 
-def runs(base, workdir: str | None, sweeps: list[str]):
-    """(config, workdir) for each point of the sweep (one point without); the
-    default workdir is runs/<config name>, a point's is <workdir>/<field>=<value>."""
-    from polyjax import config as pc
-
-    name = base.name
-    root = pathlib.Path(workdir or pathlib.Path("runs") / name)
-    axes = [pc.sweep_values(s, base) for s in sweeps]
+def sweep_points() -> list[tuple[ml_collections.ConfigDict, pathlib.Path]]:
+    """(config, workdir) for each point of the sweeps' product (one point without):
+    the config that adding ``--config.<field>=<value>`` gives, in the workdir
+    ``<workdir>/<field>=<value>`` (default workdir: runs/<config name>)."""
+    base = CONFIG.value
+    root = pathlib.Path(WORKDIR.value or pathlib.Path("runs") / base.name)
+    axes = []
+    for sweep in SWEEP.value:
+        field, sep, values = sweep.partition("=")
+        if not (sep and field and values.strip(",")):
+            raise app.UsageError(f"--sweep {sweep!r}: expected field=v1,v2,...")
+        axes.append([f"{field}={v}" for v in values.split(",") if v])
     if not axes:
-        yield base, root
-        return
-    for values in itertools.product(*(raws for _, raws in axes)):
-        cfg = base.copy_and_resolve_references()
-        parts = []
-        for (path, _), raw in zip(axes, values, strict=True):
-            pc.override(cfg, path, raw)
-            parts.append(f"{path}={raw}")
-        with cfg.unlocked():
-            cfg.name = f"{name}[{','.join(parts)}]"
-        yield cfg, root.joinpath(*parts)
+        return [(base, root)]
+    points = []
+    for parts in itertools.product(*axes):
+        parse_flags([*_COMMAND, *(f"--config.{p}" for p in parts)])
+        cfg = CONFIG.value
+        cfg.name = f"{base.name}[{','.join(parts)}]"
+        points.append((cfg, root.joinpath(*parts)))
+    return points
 
 
-NONFINITE_EXIT = 3
+# =============================================================================
+# The modes.
 
 
-def main(argv: list[str] | None = None) -> int:
-    argv = sys.argv[1:] if argv is None else argv
-    args, overrides = parse_args(argv)
-    if args.experiment:
-        return experiment(args, overrides)
-    try:
-        init_distributed(args)
-        from polyjax import config as pc
-        from polyjax import train
-
-        base = pc.load(args.config)
-        for field, value in overrides:
-            pc.override(base, field, value)
-        points = list(runs(base, args.workdir, args.sweep))
-        specs = [(train.Spec.from_config(cfg), workdir) for cfg, workdir in points]
-        if not args.dry_run:
-            for spec, workdir in specs:
-                train.prepare_workdir(spec, workdir)
-    except ValueError as e:
-        print(f"launch.py: error: {str(e).splitlines()[0]}", file=sys.stderr)
-        return 2
-    for spec, workdir in specs:
-        if args.dry_run:
-            print(f"{train.plan(spec)}\nworkdir {workdir}\n")
-            continue
+def train_mode() -> int:
+    """Train each point of the sweep (one without) in its workdir."""
+    with bad_input():
+        runs = [(Spec.from_config(cfg), workdir) for cfg, workdir in sweep_points()]
+        for spec, workdir in runs:  # refuse a workdir of another config, or only torn steps
+            ckpt.resume_step(workdir, spec.config)
+    for spec, workdir in runs:
         try:
             train.train(spec, workdir)
-        except train.PreemptionError as e:
-            command = shlex.join([sys.executable, str(pathlib.Path(__file__).absolute()), *argv])
+        except ckpt.PreemptionError as e:
+            launcher = str(pathlib.Path(__file__).absolute())
+            command = shlex.join([sys.executable, launcher, *_COMMAND[1:]])
             print(
                 f"launch.py: {e}; checkpoint saved in {workdir}/checkpoints; "
                 f"resume with: {command}",
@@ -146,33 +213,93 @@ def main(argv: list[str] | None = None) -> int:
                 flush=True,
             )
             return e.exit_code
-        except train.NonFiniteError as e:
+        except nonfinite.NonFiniteError as e:
             print(f"launch.py: {e}", file=sys.stderr, flush=True)
             return NONFINITE_EXIT
     return 0
 
 
-def experiment(args: argparse.Namespace, overrides: list[tuple[str, str]]) -> int:
-    """``--experiment NAME``: the study's runs, table and plots under the workdir."""
-    from experiments import run
+def plan(spec: Spec) -> str:
+    """Parameter counts, the mesh and the sharding plan, computed abstractly."""
+    counts, mesh = param_counts(spec.model), spec.mesh
+    return "\n".join(
+        [
+            f"config {spec.name}",
+            f"parameters: total {counts['total']:,}  active {counts['active']:,}  "
+            f"embedding {counts['embedding']:,}",
+            f"devices: {mesh.devices.size} x {jax.devices()[0].device_kind}",
+            f"batch: {spec.data.global_batch} x {spec.data.seq_len} tokens, "
+            f"{shd.batch_sharding(mesh).spec}, {spec.optim.grad_accum} microbatch(es)",
+            f"training FLOPs/token: {flops_per_token(spec.model, spec.data.seq_len):.4g}",
+            "sharding plan (parameter, shape, logical axes -> mesh axes):",
+            shd.describe(spec.model, mesh, spec.rules),
+        ]
+    )
 
-    if args.experiment not in run.NAMES:
-        print(
-            f"launch.py: error: unknown experiment {args.experiment!r}; "
-            f"valid: {', '.join(run.NAMES)}",
-            file=sys.stderr,
-        )
-        return 2
-    argv = [args.experiment, "--scale", args.scale, "--seeds", args.seeds]
-    if args.workdir:
-        argv += ["--out", args.workdir]
-    try:
-        run.main(argv, extra=overrides)
-    except ValueError as e:
-        print(f"launch.py: error: {str(e).splitlines()[0]}", file=sys.stderr)
-        return 2
+
+def dry_run_mode() -> int:
+    """Print the plan of each point of the sweep; build nothing, allocate nothing."""
+    with bad_input():
+        runs = [(Spec.from_config(cfg), workdir) for cfg, workdir in sweep_points()]
+    for spec, workdir in runs:
+        print(f"{plan(spec)}\nworkdir {workdir}\n")
     return 0
 
 
+def experiment_mode() -> int:
+    """``--experiment NAME``: the study's runs (``--config.*`` overrides apply to
+    each), table and plots under the workdir."""
+    with bad_input():
+        seeds = [int(s) for s in SEEDS.value]
+        overrides = config_flags.get_override_values(FLAGS["config"])
+        experiments.run(
+            EXPERIMENT.value, out=WORKDIR.value, size=SIZE.value, seeds=seeds, extra=overrides
+        )
+    return 0
+
+
+MODES = {"experiment": experiment_mode, "dry_run": dry_run_mode}
+
+
+def main(argv: Sequence[str]) -> int:
+    """Run the mode the parsed flags select; bad input is one line and exit 2."""
+    if not FLAGS["verbosity"].present:  # absl turns on INFO after parsing: Orbax's chatter
+        absl_logging.set_verbosity(absl_logging.WARNING)
+    try:
+        if len(argv) > 1:
+            raise app.UsageError(f"unexpected argument {argv[1]!r}")
+        chosen = [name for name in MODES if FLAGS[name].value]
+        if len(chosen) > 1:
+            raise app.UsageError(f"--{chosen[0]} and --{chosen[1]} are separate modes; give one")
+        init_distributed()
+        return MODES[chosen[0]]() if chosen else train_mode()
+    except app.UsageError as e:
+        return _usage_error(e)
+
+
+def _usage_error(e: Exception) -> int:
+    print(f"launch.py: error: {(str(e) or repr(e)).splitlines()[0]}", file=sys.stderr)
+    return USAGE_EXIT
+
+
+def run(argv: Sequence[str]) -> int:
+    """Parse ``argv`` (the arguments, without the program) and run; returns the exit
+    status. What ``python launch.py ARGS`` does, callable in-process (tests)."""
+    _COMMAND[:] = ["launch.py", *argv]
+    try:
+        rest = parse_flags(_COMMAND)
+    except app.UsageError as e:
+        return _usage_error(e)
+    return main(rest)
+
+
+def _parse_or_exit(argv: list[str]) -> list[str]:
+    _COMMAND[:] = argv
+    try:
+        return parse_flags(argv)
+    except app.UsageError as e:
+        sys.exit(_usage_error(e))
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    app.run(main, flags_parser=_parse_or_exit)
