@@ -1,7 +1,105 @@
-"""Eight host devices for the sharding tests; set before anything imports jax."""
+"""Shared fixtures: eight host devices (set before anything imports jax), the tiny
+configs (``tiny``) and the launcher run in this process (``launch_py``)."""
 
 import os
 
 if "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", ""):
     flags = os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
     os.environ["XLA_FLAGS"] = flags.strip()
+
+import dataclasses
+import pathlib
+
+import jax
+import pytest
+from flax import nnx
+
+import launch
+from configs import dense, moe
+from polyjax import sharding as shd
+from polyjax import train
+from polyjax.config import Spec
+from polyjax.data import make_pipeline
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+
+
+FAST = {  # the tiny size made faster still
+    "train.log_every": 1,
+    "train.eval_every": 0,
+    "train.eval_batches": 1,
+    "data.seq_len": 16,
+    "data.global_batch": 8,
+    "optim.warmup_steps": 2,
+}
+FAMILIES = {"dense": dense, "moe": moe}
+
+
+class Tiny:
+    """The tiny configs (``configs/<family>.py:size=tiny``) with ``FAST``, then the
+    test's overrides (``**{"train.steps": 6}``). ``config``, ``spec`` and the
+    launcher's flags (``argv``) all describe the same run."""
+
+    def config(self, family: str = "dense", **overrides):
+        cfg = FAMILIES[family].get_config("size=tiny")
+        cfg.lock()  # a misspelt override is an error
+        cfg.update_from_flattened_dict({**FAST, **overrides})
+        return cfg
+
+    def spec(self, family: str = "dense", **overrides) -> Spec:
+        return Spec.from_config(self.config(family, **overrides))
+
+    def argv(self, family: str = "dense", **overrides) -> list[str]:
+        flags = [f"--config.{k}={v}" for k, v in {**FAST, **overrides}.items()]
+        return [f"--config={ROOT}/configs/{family}.py:size=tiny", *flags]
+
+    def build(self, spec: Spec):
+        """What ``train.train`` builds for ``spec`` before its loop: (graphdef, the
+        jitted steps, the initial state, an iterator over its global batches)."""
+        model = shd.create_model(spec.model, spec.mesh, spec.rules, spec.train.seed)
+        steps = train.make_steps(spec, model)
+        graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+        state = steps.init(params, rest)
+        pipeline = make_pipeline(
+            spec.data, process_index=jax.process_index(), process_count=jax.process_count()
+        )
+        batches = (shd.put_batch(b, steps.batch_sharding) for b in pipeline.train_iter())
+        return graphdef, steps, state, batches
+
+
+@pytest.fixture(scope="session")
+def tiny() -> Tiny:
+    return Tiny()
+
+
+@dataclasses.dataclass
+class Launched:
+    """What a launcher run gave: its exit status, stdout and stderr."""
+
+    code: int
+    out: str
+    err: str
+
+    def error(self, *fragments: str) -> str:
+        """Assert a refusal: exit status 2 and one stderr line holding ``fragments``."""
+        err = self.err.strip()
+        assert self.code == 2, (self.code, err)
+        assert err.startswith("launch.py: error:") and "\n" not in err, err
+        for fragment in fragments:
+            assert fragment in err, err
+        return err
+
+
+@pytest.fixture
+def launch_py(capsys):
+    """``launch_py(*args)``: ``python launch.py ARGS`` run in this process (absl's
+    flags are global: ``launch.run`` parses afresh each time)."""
+
+    def call(*args) -> Launched:
+        capsys.readouterr()
+        code = launch.run([str(a) for a in args])
+        out, err = capsys.readouterr()
+        return Launched(code, out, err)
+
+    yield call
+    launch.FLAGS.unparse_flags()

@@ -1,43 +1,62 @@
 """The config files: every activation and size loads and validates; the 1B ones
-build abstractly with the paper's parameter counts."""
-
-import pathlib
+build abstractly, sharded over the whole mesh."""
 
 import pytest
+from flax import nnx
 
+import launch
+from configs import default, dense, moe
 from polyjax import activations as acts
-from polyjax import config as pc
-from polyjax import train
+from polyjax.config import Spec
+from polyjax.model import Transformer
 
-ROOT = pathlib.Path(__file__).resolve().parents[1]
+FAMILIES = {"dense": dense, "moe": moe}
 
 
 @pytest.mark.parametrize("family", ["dense", "moe"])
-@pytest.mark.parametrize("size", ["tiny", "small", "1b"])
+@pytest.mark.parametrize("size", ["tiny", "cpu", "small", "1b"])
 def test_every_activation_loads(family, size):
     for act in acts.REGISTRY:
-        cfg = pc.load(f"{ROOT}/configs/{family}.py:act={act},size={size}")
-        spec = train.Spec.from_config(cfg)
+        spec = Spec.from_config(FAMILIES[family].get_config(f"act={act},size={size}"))
         assert spec.model.activation.name == act
         if spec.data.tokenizer == "bpe":
             assert spec.model.vocab_size >= spec.data.vocab_size
 
 
 def test_default_config():
-    spec = train.Spec.from_config(pc.load(f"{ROOT}/configs/default.py"))
+    spec = Spec.from_config(default.get_config())
     assert spec.model.activation.name == "polynorm" and spec.model.moe is None
     assert (spec.data.source, spec.data.tokenizer) == ("shakespeare", "bpe")
 
 
+def test_cpu_size_is_the_small_model_narrowed():
+    small, cpu = (dense.get_config(f"size={s}").to_dict() for s in ("small", "cpu"))
+    assert (cpu["model"]["d_model"], cpu["model"]["n_heads"]) == (128, 4)
+    assert cpu["model"]["d_ff"] == small["model"]["d_ff"]  # the FFN keeps its width
+    assert (cpu["data"]["seq_len"], cpu["data"]["global_batch"]) == (128, 16)
+    assert (cpu["train"]["steps"], cpu["train"]["eval_every"]) == (300, 50)
+
+
 def test_unknown_size():
     with pytest.raises(ValueError, match="size"):
-        pc.load(f"{ROOT}/configs/dense.py:size=7b")
+        dense.get_config("size=7b")
 
 
 @pytest.mark.parametrize(
     "family,act", [("dense", "polynorm"), ("dense", "swiglu"), ("moe", "polynorm")]
 )
 def test_1b_builds_abstractly(family, act):
-    spec = train.Spec.from_config(pc.load(f"{ROOT}/configs/{family}.py:act={act},size=1b"))
-    text = train.plan(spec)
-    assert "sharding plan" in text
+    """The plan lists every parameter of the model; on the 1B mesh (fsdp over all
+    eight devices) each one with an ``embed`` axis is sharded over ``fsdp``."""
+    spec = Spec.from_config(FAMILIES[family].get_config(f"act={act},size=1b"))
+    assert dict(spec.mesh.shape)["fsdp"] == 8
+    text = launch.plan(spec)
+    rows = {r.split()[0]: r for r in text.split("sharding plan")[1].splitlines()[2:]}
+    abstract = nnx.eval_shape(lambda: Transformer(spec.model, rngs=nnx.Rngs(0)))
+    params = nnx.to_flat_state(nnx.state(abstract, nnx.Param))
+    assert len(rows) == len(params)
+    for path, var in params:
+        row = rows["/".join(map(str, path))]
+        assert str(tuple(var.get_value().shape)) in row
+        if "embed" in var.get_metadata()["axes"]:
+            assert "'fsdp'" in row.split("->")[1], row

@@ -1,8 +1,18 @@
 """Smoke runs of the studies at a toy size, and their numerical claims."""
 
-import numpy as np
+import json
+import pathlib
 
-from experiments import theory
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from flax import nnx
+
+from experiments import analysis, study, theory
+from polyjax.analysis import effective_rank
+from polyjax.config import Spec
+from polyjax.model import ModelConfig, Transformer, preset
 
 
 def test_lemma1_table_is_exact_to_float_precision():
@@ -24,17 +34,11 @@ def test_loglog_slope_recovers_a_power_law():
 
 
 def _tiny_model(scan_layers=False):
-    from flax import nnx
-
-    from polyjax.model import ModelConfig, Transformer, preset
-
     cfg = ModelConfig.from_dict({**preset("dense", "tiny", "polynorm"), "scan_layers": scan_layers})
     return Transformer(cfg, rngs=nnx.Rngs(0))
 
 
 def test_hidden_states_are_the_residual_stream():
-    import jax.numpy as jnp
-
     model = _tiny_model()
     tokens = jnp.arange(24).reshape(2, 12) % 200
     logits, aux = model(tokens, return_hidden=True)
@@ -49,11 +53,6 @@ def test_hidden_states_are_the_residual_stream():
 
 
 def test_ffn_ranks_and_similarity_of_a_model():
-    import jax.numpy as jnp
-
-    from experiments import analysis
-    from polyjax.analysis import effective_rank
-
     model = _tiny_model()
     ranks = analysis.ffn_ranks(model)
     assert set(ranks) == {"w_in", "w_out"} and len(ranks["w_in"]) == model.cfg.n_layers
@@ -72,20 +71,32 @@ def test_ffn_ranks_and_similarity_of_a_model():
     np.testing.assert_allclose(np.diag(sim), 1.0, rtol=1e-5)
 
 
-def test_study_smoke_runs_tabulates_and_resumes(tmp_path):
-    from experiments import study
-    from experiments.studies import DENSE
+SMOKE = {  # the tiny size, a few steps
+    "train.steps": 4,
+    "train.log_every": 1,
+    "train.eval_every": 2,
+    "train.eval_batches": 1,
+    "train.checkpoint_every": 4,
+}
 
-    s = study.Study(
-        "smoke",
-        "Smoke",
-        "none",
-        (study.Arm("relu", f"{DENSE}:act=relu"), study.Arm("polynorm", f"{DENSE}:act=polynorm")),
-        reference="relu",
-    )
-    rows = study.run(s, tmp_path / "smoke", scale="toy", seeds=(0, 1))
+
+def test_study_smoke_runs_tabulates_and_resumes(tmp_path):
+    arms = (study.Arm("relu", "relu"), study.Arm("polynorm", "polynorm"))
+    s = study.Study("smoke", "Smoke", "none", arms, reference="relu")
+    rows = study.run(s, tmp_path / "smoke", size="tiny", seeds=(0, 1), extra=SMOKE)
     assert [r["arm"] for r in rows] == ["relu", "polynorm"]
-    assert rows[0]["delta_val_loss"] == 0.0 and rows[1]["seeds"] == 2
+    # the table against the runs' own summaries: mean and paired difference over seeds
+    index = json.loads((tmp_path / "smoke" / "runs.json").read_text())
+    final = {
+        key: json.loads((pathlib.Path(path) / "summary.json").read_text())["val_loss"]
+        for key, path in index.items()
+    }
+    val = [final[f"polynorm/seed{seed}"] for seed in (0, 1)]
+    delta = [final[f"polynorm/seed{seed}"] - final[f"relu/seed{seed}"] for seed in (0, 1)]
+    assert rows[1]["val_loss"] == pytest.approx(np.mean(val), rel=1e-6)
+    assert rows[1]["val_loss_std"] == pytest.approx(np.std(val, ddof=1), rel=1e-6)
+    assert rows[1]["delta_val_loss"] == pytest.approx(np.mean(delta), rel=1e-6)
+    assert rows[1]["delta_val_loss_std"] == pytest.approx(np.std(delta, ddof=1), rel=1e-6)
     for name in ("table.md", "table.csv", "curves.png", "runs.json"):
         assert (tmp_path / "smoke" / name).stat().st_size > 0
     # seeds differ (the spread is real), and a second call reruns nothing
@@ -94,28 +105,18 @@ def test_study_smoke_runs_tabulates_and_resumes(tmp_path):
     assert len(runs) == 4
     mtimes = [p.stat().st_mtime for p in runs]
     # another study with the same arm under another label trains nothing new
-    same = study.Arm("polynorm-r3", f"{DENSE}:act=polynorm", (("model.activation.order", "3"),))
+    same = study.Arm("polynorm-r3", "polynorm", overrides=(("model.activation.order", 3),))
     again = study.Study("again", "Again", "none", (same,), reference="polynorm-r3")
-    study.run(again, tmp_path / "again", scale="toy", seeds=(0, 1))
+    study.run(again, tmp_path / "again", size="tiny", seeds=(0, 1), extra=SMOKE)
     assert sorted((tmp_path / "_runs").glob("*/seed*/metrics.jsonl")) == runs
     assert [p.stat().st_mtime for p in runs] == mtimes
 
 
 def test_analysis_loads_a_trained_checkpoint(tmp_path):
-    import json
-
-    import optax
-
-    from experiments import analysis, study
-    from experiments.studies import DENSE
-    from polyjax.train import Spec
-
-    s = study.Study(
-        "one", "One", "none", (study.Arm("polynorm", f"{DENSE}:act=polynorm"),), "polynorm"
-    )
-    study.run(s, tmp_path / "one", scale="toy", seeds=(0,))
+    s = study.Study("one", "One", "none", (study.Arm("polynorm", "polynorm"),), "polynorm")
+    study.run(s, tmp_path / "one", size="tiny", seeds=(0,), extra=SMOKE)
     workdir = next((tmp_path / "_runs").glob("*/seed0"))
-    spec = Spec.from_config(s.config(s.arms[0], "toy", 0))
+    spec = Spec.from_config(s.config(s.arms[0], "tiny", 0, SMOKE))
     model, batches = analysis.load_trained(spec, workdir)
     summary = json.loads((workdir / "summary.json").read_text())
     # the restored model reproduces the run's final validation loss

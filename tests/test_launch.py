@@ -1,72 +1,78 @@
 """launch.py: overrides, sweeps, dry run, and one-line errors before any compile."""
 
-import importlib.util
 import pathlib
 
+import jax
 import numpy as np
 import pytest
+from flax import nnx
 
+import launch
 from polyjax import checkpoint as ckpt
-from polyjax import config as pc
 from polyjax import metrics as mx
-from polyjax import train
+from polyjax.model import Transformer
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
-_spec = importlib.util.spec_from_file_location("launch", ROOT / "launch.py")
-launch = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(launch)
-
-TINY = [
-    f"--config={ROOT}/configs/dense.py:size=tiny",
-    "--config.train.steps=2",
-    "--config.train.log_every=1",
-    "--config.train.eval_batches=1",
-    "--config.data.seq_len=16",
-    "--config.data.global_batch=8",
-]
+RUN = {"train.steps": 2}
 
 
-def one_line_error(capsys, argv, *fragments):
-    assert launch.main(argv) == 2
-    err = capsys.readouterr().err.strip()
-    assert err.startswith("launch.py: error:") and "\n" not in err, err
-    for fragment in fragments:
-        assert fragment in err, err
-    return err
+def test_misspelt_override_names_close_matches(launch_py, tiny):
+    launch_py(*tiny.argv(**RUN), "--config.optim.lrr=1e-3").error("'optim.lrr'", "optim.lr")
 
 
-def test_misspelt_override_names_close_matches(capsys):
-    one_line_error(capsys, [*TINY, "--config.optim.lrr=1e-3"], "'optim.lrr'", "optim.lr")
+def test_override_of_wrong_type(launch_py, tiny):
+    launch_py(*tiny.argv(**RUN), "--config.train.steps=many").error("train.steps", "int")
 
 
-def test_override_of_wrong_type(capsys):
-    one_line_error(capsys, [*TINY, "--config.train.steps=many"], "train.steps", "int")
+def test_unknown_activation(launch_py, tiny):
+    result = launch_py(*tiny.argv(**RUN), "--config.model.activation.name=polynrom")
+    result.error("polynrom", "polynorm")
 
 
-def test_unknown_activation(capsys):
-    one_line_error(
-        capsys, [*TINY, "--config.model.activation.name=polynrom"], "polynrom", "polynorm"
-    )
+def test_impossible_mesh(launch_py, tiny):
+    launch_py(*tiny.argv(**RUN), "--config.mesh.data=3").error("mesh")
 
 
-def test_impossible_mesh(capsys):
-    one_line_error(capsys, [*TINY, "--config.mesh.data=3"], "mesh")
+def test_bad_config_argument(launch_py):
+    launch_py(f"--config={ROOT}/configs/dense.py:activation=relu").error("act", "size")
 
 
-def test_bad_config_argument(capsys):
-    one_line_error(capsys, [f"--config={ROOT}/configs/dense.py:activation=relu"], "act", "size")
+@pytest.mark.parametrize(
+    "args,fragments",
+    [
+        (["--dryrun"], ["'dryrun'", "dry_run"]),  # absl's own did-you-mean
+        (["--config=nowhere/nothing.py"], ["--config", "nowhere/nothing.py"]),
+        (["extra"], ["unexpected argument 'extra'"]),
+        (["--sweep=model.activation.order"], ["--sweep", "field=v1,v2"]),
+        (["--experiment=nope"], ["unknown experiment 'nope'", "order"]),
+        (["--experiment=order", "--dry_run"], ["--experiment", "--dry_run"]),
+        (["--config.optim=1"], ["config.optim"]),
+    ],
+)
+def test_bad_flags_are_one_line(launch_py, args, fragments):
+    launch_py(*args).error(*fragments)
 
 
-def test_dry_run_prints_counts_mesh_and_plan(capsys):
-    assert launch.main([*TINY, "--dry_run"]) == 0
-    out = capsys.readouterr().out
-    for fragment in ("parameters: total", "active", "mesh", "sharding plan", "P("):
-        assert fragment in out
+def test_dry_run_prints_counts_and_the_plan_of_every_parameter(launch_py, tiny, tmp_path):
+    result = launch_py(*tiny.argv(**RUN), f"--workdir={tmp_path / 'run'}", "--dry_run")
+    assert result.code == 0, result.err
+    model = Transformer(tiny.spec().model, rngs=nnx.Rngs(0))  # allocated: counted for real
+    params = nnx.to_flat_state(nnx.state(model, nnx.Param))
+    total = sum(int(np.prod(v.get_value().shape)) for _, v in params)
+    assert f"parameters: total {total:,}" in result.out
+    plan = result.out.split("sharding plan")[1].splitlines()[2:]  # after the mesh line
+    for path, var in params:
+        name = "/".join(map(str, path))
+        line = next(row for row in plan if row.split()[0] == name)
+        assert str(tuple(var.get_value().shape)) in line and "-> P(" in line
+    assert f"workdir {tmp_path / 'run'}" in result.out
+    assert not (tmp_path / "run").exists()  # nothing written
 
 
-def test_override_and_sweep(tmp_path, capsys):
-    argv = [*TINY, f"--workdir={tmp_path}", "--sweep", "model.activation.order=1,2"]
-    assert launch.main([*argv, "--config.optim.lr=0.01"]) == 0
+def test_override_and_sweep(tmp_path, launch_py, tiny):
+    argv = [*tiny.argv(**RUN), f"--workdir={tmp_path}", "--sweep", "model.activation.order=1,2"]
+    result = launch_py(*argv, "--config.optim.lr=0.01")
+    assert result.code == 0, result.err
     for order in (1, 2):
         run = tmp_path / f"model.activation.order={order}"
         saved = (run / "config.json").read_text()
@@ -74,35 +80,42 @@ def test_override_and_sweep(tmp_path, capsys):
         assert [r["step"] for r in mx.read_jsonl(run / mx.JSONL)] == [1, 2]
 
 
-def test_incompatible_workdir_is_refused_untouched(tmp_path, capsys):
-    cfg = pc.load(TINY[0].partition("=")[2])
-    for flag in TINY[1:]:
-        pc.override(cfg, *flag.removeprefix("--config.").split("="))
+def test_overrides_are_typed_by_the_field(launch_py, tiny):
+    """config_flags parses each value to its field's type, None-valued fields
+    (typed placeholders) included."""
+    overrides = [
+        "--config.train.async_checkpoint=false",
+        "--config.optim.lr=2",
+        "--config.optim.mu_dtype=bfloat16",
+        "--config.model.n_kv_heads=2",
+    ]
+    result = launch_py(*tiny.argv(**RUN), *overrides, "--dry_run")
+    assert result.code == 0, result.err
+    cfg = launch.CONFIG.value
+    assert cfg.train.async_checkpoint is False and cfg.optim.lr == 2.0
+    assert isinstance(cfg.optim.lr, float) and cfg.optim.mu_dtype == "bfloat16"
+    assert cfg.model.n_kv_heads == 2 and cfg.to_dict()["model"]["n_kv_heads"] == 2
+    launch_py(*tiny.argv(**RUN), "--config.train.stpes=1").error("did you mean train.steps")
+
+
+def test_incompatible_workdir_is_refused_untouched(tmp_path, launch_py, tiny):
     saver = ckpt.Checkpointer(tmp_path, every=1, keep=1, async_save=False)
-    saver.save(1, {"w": np.zeros(2)}, {}, train.Spec.from_config(cfg).config)
+    saver.save(1, {"w": np.zeros(2)}, {}, tiny.spec(**RUN).config)
     saver.close()
     before = {p: p.stat().st_mtime_ns for p in tmp_path.rglob("*")}
-    one_line_error(
-        capsys,
-        [*TINY, f"--workdir={tmp_path}", "--config.model.d_ff=48"],
-        "incompatible",
-        "model.d_ff",
-    )
+    result = launch_py(*tiny.argv(**RUN), f"--workdir={tmp_path}", "--config.model.d_ff=48")
+    result.error("incompatible", "model.d_ff")
     assert {p: p.stat().st_mtime_ns for p in tmp_path.rglob("*")} == before
 
 
-def test_override_parsing():
-    cfg = pc.load(f"{ROOT}/configs/dense.py:size=tiny")
-    pc.override(cfg, "train.async_checkpoint", "false")
-    pc.override(cfg, "optim.lr", "2")
-    pc.override(cfg, "optim.mu_dtype", "bfloat16")
-    assert cfg.train.async_checkpoint is False and cfg.optim.lr == 2.0
-    assert cfg.optim.mu_dtype == "bfloat16"
-    with pytest.raises(ValueError, match="section"):
-        pc.override(cfg, "optim", "1")
-    with pytest.raises(ValueError, match=r"did you mean train\.steps"):
-        pc.override(cfg, "train.stpes", "1")
+def test_distributed_flags_go_together(launch_py, tiny):
+    launch_py(*tiny.argv(**RUN), "--num_processes=2").error("--coordinator")
 
 
-def test_distributed_flags_go_together(capsys):
-    one_line_error(capsys, [*TINY, "--num_processes=2"], "--coordinator")
+def test_parsing_again_forgets_the_last_overrides(launch_py, tiny):
+    """absl's flags are global: a second command line starts from scratch."""
+    assert launch_py(*tiny.argv(**RUN), "--config.optim.lr=0.5", "--dry_run").code == 0
+    assert launch_py(*tiny.argv(**RUN), "--dry_run").code == 0
+    assert launch.CONFIG.value.optim.lr == tiny.config(**RUN).optim.lr != 0.5
+    assert "config.optim.lr" not in launch.FLAGS
+    assert jax.device_count() == 8  # no process group was started

@@ -1,7 +1,5 @@
 """Runs that survive: SIGKILL/SIGTERM and resume, torn checkpoints, non-finite values."""
 
-import functools
-import importlib.util
 import os
 import pathlib
 import random
@@ -17,35 +15,15 @@ import orbax.checkpoint as ocp
 import pytest
 
 from polyjax import checkpoint as ckpt
-from polyjax import config as pc
 from polyjax import metrics as mx
-from polyjax import train
+from polyjax import nonfinite, train
 from polyjax.data import pipeline
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
-_spec = importlib.util.spec_from_file_location("launch", ROOT / "launch.py")
-launch = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(launch)
-TINY = {
-    "train.log_every": 1,
-    "train.eval_every": 0,
-    "train.eval_batches": 1,
-    "data.seq_len": 16,
-    "data.global_batch": 8,
-    "optim.warmup_steps": 2,
-}
 
 
-def argv(workdir, **overrides):
-    flags = [f"--config.{k}={v}" for k, v in {**TINY, **overrides}.items()]
-    return [f"--config={ROOT}/configs/dense.py:size=tiny", f"--workdir={workdir}", *flags]
-
-
-def spec(**overrides):
-    cfg = pc.load(f"{ROOT}/configs/dense.py:size=tiny")
-    for key, value in {**TINY, **overrides}.items():
-        pc.override(cfg, key, str(value))
-    return train.Spec.from_config(cfg)
+def argv(tiny, workdir, **overrides):
+    return [*tiny.argv(**overrides), f"--workdir={workdir}"]
 
 
 def losses(workdir):
@@ -65,9 +43,9 @@ def digest(workdir, step):
     return {str(p.relative_to(root)): p.read_bytes() for p in root.rglob("*") if p.is_file()}
 
 
-def _launch(workdir, run):
+def _launch(args):
     env = {**os.environ, "PYTHONPATH": str(ROOT), "JAX_PLATFORMS": "cpu"}
-    cmd = [sys.executable, str(ROOT / "launch.py"), *argv(workdir, **run)]
+    cmd = [sys.executable, str(ROOT / "launch.py"), *args]
     return subprocess.Popen(cmd, cwd=ROOT, env=env, stderr=subprocess.PIPE, text=True)
 
 
@@ -79,7 +57,7 @@ def _kill_after_first_checkpoint(proc, workdir, signum, seed):
     proc.send_signal(signum)
 
 
-def test_killed_runs_resume_to_the_same_result(tmp_path, capsys):
+def test_killed_runs_resume_to_the_same_result(tmp_path, tiny, launch_py):
     """launch.py processes killed at a random moment after their first checkpoint
     (SIGKILL, SIGTERM), then relaunched with the same command, end with the
     uninterrupted run's losses and parameters, bit for bit. SIGKILL loses at most
@@ -88,7 +66,7 @@ def test_killed_runs_resume_to_the_same_result(tmp_path, capsys):
     run = {"train.steps": 80, "train.checkpoint_every": 20, "train.keep_checkpoints": 2}
     seed = random.randrange(1 << 30)
     cuts = {signum: tmp_path / signum.name for signum in (signal.SIGKILL, signal.SIGTERM)}
-    procs = {signum: _launch(workdir, run) for signum, workdir in cuts.items()}
+    procs = {signum: _launch(argv(tiny, workdir, **run)) for signum, workdir in cuts.items()}
     killers = [
         threading.Thread(target=_kill_after_first_checkpoint, args=(procs[s], w, s, seed))
         for s, w in cuts.items()
@@ -96,7 +74,7 @@ def test_killed_runs_resume_to_the_same_result(tmp_path, capsys):
     try:
         for k in killers:
             k.start()
-        train.train(spec(**run), tmp_path / "full")  # meanwhile: the uninterrupted run
+        train.train(tiny.spec(**run), tmp_path / "full")  # meanwhile: the uninterrupted run
         errs = {s: p.communicate(timeout=120)[1] for s, p in procs.items()}
     finally:
         for p in procs.values():
@@ -116,9 +94,8 @@ def test_killed_runs_resume_to_the_same_result(tmp_path, capsys):
             assert resume == logged, context  # no step lost
             assert f"stopped by SIGTERM at step {logged}" in err, context
             assert "launch.py" in err.split("resume with:")[1], context
-        capsys.readouterr()
-        assert launch.main(argv(workdir, **run)) == 0  # the same command
-        assert f"at step {resume}" in capsys.readouterr().out
+        relaunched = launch_py(*argv(tiny, workdir, **run))  # the same command
+        assert relaunched.code == 0 and f"at step {resume}" in relaunched.out, relaunched.err
         assert losses(workdir) == losses(tmp_path / "full"), context
         got = saved_state(workdir, 80)
         assert got.keys() == expected.keys()
@@ -126,14 +103,14 @@ def test_killed_runs_resume_to_the_same_result(tmp_path, capsys):
             np.testing.assert_array_equal(got[key], expected[key], err_msg=key)
 
 
-def test_torn_newest_checkpoint_is_set_aside_and_the_previous_one_resumed(tmp_path, capsys):
+def test_torn_newest_checkpoint_is_set_aside_and_the_previous_one_resumed(tmp_path, tiny, capsys):
     run = {"train.steps": 6, "train.checkpoint_every": 3}
-    train.train(spec(**run), tmp_path)
+    train.train(tiny.spec(**run), tmp_path)
     before = losses(tmp_path)
     biggest = max((ckpt.directory(tmp_path) / "6").rglob("*"), key=lambda p: p.stat().st_size)
     biggest.write_bytes(biggest.read_bytes()[: biggest.stat().st_size // 2])
     capsys.readouterr()
-    train.train(spec(**run), tmp_path)
+    train.train(tiny.spec(**run), tmp_path)
     out, err = capsys.readouterr()
     assert "checkpoint 6 is torn or corrupt" in err and "truncated" in err
     assert "resuming from step 3" in err and "resumed from" in out and "at step 3" in out
@@ -193,14 +170,15 @@ def poison(monkeypatch):
     return at
 
 
-def test_stop_policy_reports_and_keeps_the_last_good_checkpoint(tmp_path, poison):
+def test_stop_policy_reports_and_keeps_the_last_good_checkpoint(tmp_path, tiny, poison):
     poison(3)  # step 4
     run = {"train.steps": 6, "train.log_every": 2, "train.checkpoint_every": 2}
-    with pytest.raises(train.NonFiniteError) as e:
-        train.train(spec(**run), tmp_path)
+    with pytest.raises(nonfinite.NonFiniteError) as e:
+        train.train(tiny.spec(**run), tmp_path)
     report = str(e.value)
+    n = len(jax.tree.leaves(tiny.build(tiny.spec(**run))[2].params))  # NaN weights: every gradient
     assert e.value.step == 4 and "non-finite values at step 4" in report
-    assert "(non-finite)" in report and "non-finite gradient leaves" in report
+    assert "(non-finite)" in report and f"non-finite gradient leaves ({n} of {n})" in report
     assert "layers.0" in report and "coeffs.weight" in report and "coeffs.bias" in report
     good, bad = ckpt.scan(tmp_path)
     assert [s for s, _ in good] == [2] and not bad  # 4 never written; 2 intact (marker)
@@ -211,10 +189,10 @@ def test_stop_policy_reports_and_keeps_the_last_good_checkpoint(tmp_path, poison
     print(report)
 
 
-def test_skip_policy_skips_the_update_and_goes_on(tmp_path, poison, capsys):
+def test_skip_policy_skips_the_update_and_goes_on(tmp_path, tiny, poison, capsys):
     poison(3)
     run = {"train.steps": 6, "train.checkpoint_every": 3, "train.nonfinite": "skip"}
-    train.train(spec(**run, **{"train.max_skips": 1}), tmp_path)
+    train.train(tiny.spec(**run, **{"train.max_skips": 1}), tmp_path)
     records = {r["step"]: r for r in mx.read_jsonl(tmp_path / mx.JSONL)}
     assert [records[s]["nonfinite"] for s in range(1, 7)] == [0, 0, 0, 1, 1, 1]
     assert np.isnan(records[4]["loss"]) and np.isfinite(records[6]["loss"])
@@ -222,27 +200,17 @@ def test_skip_policy_skips_the_update_and_goes_on(tmp_path, poison, capsys):
     assert [s for s, _ in ckpt.scan(tmp_path)[0]] == [6, 3]
 
 
-def test_the_step_keeps_the_state_on_a_non_finite_update(tmp_path):
+def test_the_step_keeps_the_state_on_a_non_finite_update(tiny):
     """Skip: the bad update leaves params and optimizer state as they were, the next
     good one applies; stop: the state stays frozen after the first bad step."""
-    trainer = train.Trainer(spec(**{"train.steps": 4}), tmp_path)
-    good = trainer.next_batch()
+    run = {"train.steps": 4}
+    _, stop_steps, before, batches = tiny.build(tiny.spec(**run))
+    _, skip_steps, _, _ = tiny.build(tiny.spec(**run, **{"train.nonfinite": "skip"}))
+    good = next(batches)
     bad = dict(good, weights=good["weights"] * np.nan)
-    stop_step = trainer.train_step
-    skip_step = jax.jit(
-        functools.partial(
-            train.train_step,
-            graphdef=trainer.graphdef,
-            tx=train.optim.make_optimizer(trainer.spec.optim, 4),
-            schedule=trainer.schedule,
-            grad_accum=1,
-            batch_sharding=trainer.batch_sharding,
-            nonfinite="skip",
-        )
-    )
-    before = jax.device_get(trainer.state)
-    for step_fn, after_good_changes in ((skip_step, True), (stop_step, False)):
-        s1, m1 = step_fn(jax.tree.map(np.copy, before), bad)
+    before = jax.device_get(before)
+    for steps, after_good_changes in ((skip_steps, True), (stop_steps, False)):
+        s1, m1 = steps.train(jax.tree.map(np.copy, before), bad)
         s1 = jax.device_get(s1)
         assert int(s1.step) == 1 and int(s1.nonfinite) == 1 and int(s1.bad_step) == 1
         assert not np.isfinite(float(m1["loss"]))
@@ -252,7 +220,7 @@ def test_the_step_keeps_the_state_on_a_non_finite_update(tmp_path):
             strict=True,
         ):
             np.testing.assert_array_equal(a, b)
-        s2, _ = step_fn(s1, good)
+        s2, _ = steps.train(s1, good)
         changed = any(
             not np.array_equal(a, b)
             for a, b in zip(
@@ -262,18 +230,19 @@ def test_the_step_keeps_the_state_on_a_non_finite_update(tmp_path):
             )
         )
         assert changed == after_good_changes
-    trainer.checkpointer.close()
 
 
-def test_huge_lr_under_skip_stops_after_max_skips(tmp_path, capsys):
+def test_huge_lr_under_skip_stops_after_max_skips(tmp_path, tiny, launch_py):
     run = {"train.steps": 8, "train.checkpoint_every": 1, "train.nonfinite": "skip"}
     run.update({"train.max_skips": 2, "optim.lr": "1e30", "optim.final_lr": 0})
-    assert launch.main(argv(tmp_path, **run)) == 3
-    err = capsys.readouterr().err
-    assert "more than train.max_skips=2" in err and "gradient norm per layer" in err
+    result = launch_py(*argv(tiny, tmp_path, **run))
+    assert result.code == 3, result.err
     good, bad = ckpt.scan(tmp_path)
-    nonfinite = {r["step"]: r["nonfinite"] for r in mx.read_jsonl(tmp_path / mx.JSONL)}
-    assert not bad and max(s for s, _ in good) == max(s for s, n in nonfinite.items() if n <= 2)
+    counts = {r["step"]: r["nonfinite"] for r in mx.read_jsonl(tmp_path / mx.JSONL)}
+    third = min(s for s, n in counts.items() if n == 3)  # the skip that went over the limit
+    assert "more than train.max_skips=2" in result.err
+    assert f"non-finite values at step {third}:" in result.err
+    assert not bad and max(s for s, _ in good) == max(s for s, n in counts.items() if n <= 2)
     for step, _ in good:
         state = saved_state(tmp_path, step)
         assert all(np.isfinite(v).all() for v in state.values() if v.dtype.kind == "f")

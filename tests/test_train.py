@@ -14,28 +14,14 @@ import optax
 import pytest
 from flax import nnx
 
-from polyjax import config as pc
+from configs import moe
 from polyjax import metrics as mx
-from polyjax import train
+from polyjax import optim, train
+from polyjax.config import Spec
+from polyjax.data import pipeline
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
-TINY = {
-    "train.steps": 6,
-    "train.log_every": 1,
-    "train.eval_every": 0,
-    "train.eval_batches": 1,
-    "train.checkpoint_every": 3,
-    "data.seq_len": 16,
-    "data.global_batch": 8,
-    "optim.warmup_steps": 2,
-}
-
-
-def tiny_config(**overrides):
-    cfg = pc.load(f"{ROOT}/configs/dense.py:size=tiny")
-    for key, value in {**TINY, **overrides}.items():
-        pc.override(cfg, key, str(value))
-    return cfg
+RUN = {"train.steps": 6, "train.checkpoint_every": 3}
 
 
 def losses(workdir):
@@ -53,29 +39,22 @@ def test_cross_entropy_matches_numpy():
     np.testing.assert_allclose(float(got), expected, rtol=1e-6)
 
 
-def test_grad_accumulation_equals_the_big_batch(tmp_path):
-    trainers = [
-        train.Trainer(
-            train.Spec.from_config(tiny_config(**{"optim.grad_accum": k, "data.global_batch": 16})),
-            tmp_path / f"{k}",
-        )
-        for k in (1, 2)
-    ]
-    batch = train._global_batch(next(trainers[0].data_iter), trainers[0].batch_sharding)
-    (s1, m1), (s2, m2) = (t.train_step(t.state, batch) for t in trainers)
+def test_grad_accumulation_equals_the_big_batch(tiny):
+    specs = [tiny.spec(**RUN, **{"optim.grad_accum": k, "data.global_batch": 16}) for k in (1, 2)]
+    (_, steps1, state1, batches), (_, steps2, state2, _) = (tiny.build(s) for s in specs)
+    batch = next(batches)
+    (s1, m1), (s2, m2) = steps1.train(state1, batch), steps2.train(state2, batch)
     np.testing.assert_allclose(m1["loss"], m2["loss"], rtol=1e-6)
     np.testing.assert_allclose(m1["grad_norm"], m2["grad_norm"], rtol=1e-5)
     # Adam's first step is ~ lr * sign(g): tolerate a thousandth of a step where g ~ 0
-    atol = 1e-3 * trainers[0].spec.optim.lr
+    atol = 1e-3 * specs[0].optim.lr
     for a, b in zip(jax.tree.leaves(s1.params), jax.tree.leaves(s2.params), strict=True):
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=atol)
     assert int(s1.step) == int(s2.step) == 1
-    for t in trainers:
-        t.checkpointer.close()
 
 
-def test_loss_decreases_and_state_is_checkpointed(tmp_path):
-    spec = train.Spec.from_config(tiny_config(**{"optim.lr": 3e-3}))
+def test_loss_decreases_and_state_is_checkpointed(tmp_path, tiny):
+    spec = tiny.spec(**RUN, **{"optim.lr": 3e-3})
     out = train.train(spec, tmp_path)
     curve = [loss for _, loss in losses(tmp_path)]
     assert [s for s, _ in losses(tmp_path)] == list(range(1, 7))
@@ -83,22 +62,22 @@ def test_loss_decreases_and_state_is_checkpointed(tmp_path):
     assert out["val_ppl"] == pytest.approx(math.exp(out["val_loss"]))
     assert sorted(os.listdir(tmp_path / "checkpoints")) == ["3", "6"]
     assert (tmp_path / mx.PLOT).stat().st_size > 0
-    sched = train.optim.lr_schedule(spec.optim, spec.train.steps)
+    sched = optim.lr_schedule(spec.optim, spec.train.steps)
     logged = [r["lr"] for r in mx.read_jsonl(tmp_path / mx.JSONL)]
     np.testing.assert_allclose(logged, [float(sched(s)) for s in range(6)], rtol=1e-6)
 
 
-def test_resume_is_bitwise(tmp_path, monkeypatch):
-    spec = train.Spec.from_config(tiny_config())
+def test_resume_is_bitwise(tmp_path, tiny, monkeypatch):
+    spec = tiny.spec(**RUN)
     train.train(spec, tmp_path / "full")
-    step = train.Trainer.step
+    real = pipeline.TrainIterator.__next__
 
     def interrupted(self):
-        if int(self.state.step) == 4:  # after the checkpoint at 3 and one more step
+        if self.get_state()["next_batch"] == 4:  # after the checkpoint at 3 and one more step
             raise KeyboardInterrupt
-        return step(self)
+        return real(self)
 
-    monkeypatch.setattr(train.Trainer, "step", interrupted)
+    monkeypatch.setattr(pipeline.TrainIterator, "__next__", interrupted)
     with pytest.raises(KeyboardInterrupt):
         train.train(spec, tmp_path / "resumed")
     assert sorted(os.listdir(tmp_path / "resumed" / "checkpoints")) == ["3"]
@@ -113,13 +92,12 @@ def _free_port():
         return s.getsockname()[1]
 
 
-def test_two_processes_match_one(tmp_path):
+def test_two_processes_match_one(tmp_path, tiny):
     """Two local CPU processes (jax.distributed, one device each) vs this process
     (eight devices): the same global batches, the same losses."""
-    args = [f"--config={ROOT}/configs/dense.py:size=tiny"]
-    args += [f"--config.{k}={v}" for k, v in {**TINY, "train.steps": 3}.items()]
+    run = {**RUN, "train.steps": 3}
     env = {**os.environ, "PYTHONPATH": str(ROOT), "JAX_PLATFORMS": "cpu"}
-    cmd = [sys.executable, str(ROOT / "launch.py"), *args]
+    cmd = [sys.executable, str(ROOT / "launch.py"), *tiny.argv(**run)]
     port = _free_port()
     procs = [
         subprocess.Popen(
@@ -143,7 +121,7 @@ def test_two_processes_match_one(tmp_path):
         for i in range(2)
     ]
     try:
-        train.train(train.Spec.from_config(tiny_config(**{"train.steps": 3})), tmp_path / "one")
+        train.train(tiny.spec(**run), tmp_path / "one")
         outs = [p.communicate(timeout=300)[0] for p in procs]
     finally:
         for p in procs:  # a hung collective ignores SIGTERM
@@ -154,15 +132,14 @@ def test_two_processes_match_one(tmp_path):
     np.testing.assert_allclose([v for _, v in two], [v for _, v in single], rtol=1e-5)
 
 
-def test_moe_aux_loss_is_in_the_gradient_and_logged(tmp_path):
-    cfg = tiny_config(**{"train.steps": 1})
-    moe = pc.load(f"{ROOT}/configs/moe.py:size=tiny")
+def test_moe_aux_loss_is_in_the_gradient_and_logged(tiny):
+    cfg = tiny.config(**{**RUN, "train.steps": 1})
     with cfg.unlocked():
-        cfg.model = moe.model
-    pc.override(cfg, "model.moe.lb_coef", "10.0")  # make the term visible
-    trainer = train.Trainer(train.Spec.from_config(cfg), tmp_path)
-    batch = train._global_batch(next(trainer.data_iter), trainer.batch_sharding)
-    graphdef, params, rest = trainer.graphdef, trainer.state.params, trainer.state.rest
+        cfg.model = moe.get_config("size=tiny").model
+    cfg.model.moe.lb_coef = 10.0  # make the term visible
+    graphdef, steps, state, batches = tiny.build(Spec.from_config(cfg))
+    batch = next(batches)
+    params, rest = state.params, state.rest
 
     def reference(params, with_aux):
         model = nnx.merge(graphdef, params, rest, copy=True)
@@ -176,8 +153,7 @@ def test_moe_aux_loss_is_in_the_gradient_and_logged(tmp_path):
 
     grad = jax.jit(lambda p, a: optax.tree.norm(jax.grad(reference)(p, a)), static_argnums=1)
     norms = [float(grad(params, a)) for a in (True, False)]
-    _, metrics = trainer.train_step(trainer.state, batch)
-    trainer.checkpointer.close()
+    _, metrics = steps.train(state, batch)
     assert float(metrics["grad_norm"]) == pytest.approx(norms[0], rel=1e-4)
     assert norms[1] != pytest.approx(norms[0], rel=1e-3)
     assert metrics["expert_load"].shape == (cfg.model.n_layers, cfg.model.moe.num_experts)
