@@ -329,6 +329,8 @@ def train(spec: Spec, workdir: str | pathlib.Path, out: TextIO | None = None) ->
             save = checkpointer.due(step) or last
             stop = signals.agreed(step % tcfg.log_every == 0 or evaluating or save)
             if step % tcfg.log_every == 0 or evaluating or save or stop:
+                if evaluating:  # the steps still running count as training, not evaluation
+                    jax.block_until_ready(metrics)
                 with meter.paused():
                     evals = evaluate() if evaluating else {}
                 mean = dict(metrics, loss=sum(losses) / len(losses))

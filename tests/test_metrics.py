@@ -3,6 +3,7 @@
 import io
 
 import numpy as np
+import pytest
 
 from polyjax import metrics as mx
 
@@ -55,3 +56,16 @@ def test_peak_flops_by_device_kind():
     assert mx.peak_flops("TPU v5 lite") == 197e12
     assert mx.peak_flops("cpu") is None
     assert mx.peak_flops("cpu", configured=1e12) == 1e12
+
+
+def test_throughput_and_mfu_leave_out_paused_time(monkeypatch):
+    clock = iter([10.0, 12.0, 13.0, 18.0])  # start, pause in, pause out, measure
+    monkeypatch.setattr(mx.time, "perf_counter", lambda: next(clock))
+    meter = mx.Throughput(tokens_per_step=100, flops_per_step=6e6, peak=1e9)
+    assert meter.measure(5) == {}  # before start: nothing to say
+    meter.start(1)
+    with meter.paused():  # one second of evaluation
+        pass
+    got = meter.measure(9)  # 8 steps of 100 tokens in 8 - 1 = 7 seconds of training
+    assert got["tokens_per_s"] == pytest.approx(800 / 7, rel=1e-12)
+    assert got["mfu"] == pytest.approx((8 / 7) * 6e6 / 1e9, rel=1e-12)

@@ -17,6 +17,7 @@ from flax import nnx
 from configs import moe
 from polyjax import metrics as mx
 from polyjax import optim, train
+from polyjax import sharding as shd
 from polyjax.config import Spec
 from polyjax.data import pipeline
 
@@ -51,6 +52,26 @@ def test_grad_accumulation_equals_the_big_batch(tiny):
     for a, b in zip(jax.tree.leaves(s1.params), jax.tree.leaves(s2.params), strict=True):
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=atol)
     assert int(s1.step) == int(s2.step) == 1
+
+
+def test_steps_build_from_an_abstract_model(tiny):
+    """make_steps reads only the model's structure: from an abstract model (what a
+    dry run has) the update step traces to the same state as from the real one."""
+    spec = tiny.spec(**RUN)
+    abstract = nnx.eval_shape(lambda: shd.create_model(spec.model, spec.mesh, spec.rules, 0))
+    steps = train.make_steps(spec, abstract)
+    state = jax.eval_shape(steps.init, *nnx.split(abstract, nnx.Param, ...)[1:])
+    batch = {
+        k: jax.ShapeDtypeStruct((8, 16), dtype, sharding=steps.batch_sharding)
+        for k, dtype in (("inputs", "int32"), ("targets", "int32"), ("positions", "int32"))
+    }
+    batch["segment_ids"] = batch["inputs"]
+    batch["weights"] = jax.ShapeDtypeStruct((8, 16), "float32", sharding=steps.batch_sharding)
+    new_state, metrics = jax.eval_shape(steps.train, state, batch)
+    _, _, real, _ = tiny.build(spec)
+    shapes = lambda tree: jax.tree.map(lambda x: (x.shape, x.dtype), tree)
+    assert shapes(new_state) == shapes(real) and metrics["loss"].shape == ()
+    assert steps.train.lower(state, batch).as_text()  # lowers without any array
 
 
 def test_loss_decreases_and_state_is_checkpointed(tmp_path, tiny):
