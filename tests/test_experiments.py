@@ -1,4 +1,4 @@
-"""Smoke runs of the studies at a toy size, and their numerical claims."""
+"""Smoke runs of the studies at the tiny size, and their numerical claims."""
 
 import json
 import pathlib
