@@ -2,8 +2,10 @@
 bandwidth of the same device measured in the same run.
 
 Kernels: "reference" (the jnp function, differentiated by JAX), "xla" (the
-fused custom VJP in jnp) and "pallas" (on CPU: interpret mode, which checks that
-it runs and says nothing about speed). Before timing, each kernel's output and
+fused custom VJP in jnp), "pallas" (the Triton kernels on GPU) and "mosaic_gpu"
+(the Mosaic GPU kernels, Hopper, at the widths they take; Triton elsewhere). On
+CPU the Pallas ones run in interpret mode, which checks that they run and says
+nothing about speed. Before timing, each kernel's output and
 input gradient are checked against the fp32 reference; a kernel that disagrees
 is reported and not timed, and the script exits with status 1.
 
@@ -35,6 +37,7 @@ KERNELS = {
     "reference": acts.polynorm,
     "xla": lambda x, w, b: kernels.polynorm(x, w, b, impl="xla"),
     "pallas": lambda x, w, b: kernels.polynorm(x, w, b, impl="pallas"),
+    "mosaic_gpu": lambda x, w, b: kernels.polynorm(x, w, b, impl="pallas", backend="mosaic_gpu"),
 }
 
 
@@ -87,23 +90,25 @@ def main(argv=None) -> None:
     p.add_argument("--widths", default="1536,5504,8256,32768")
     p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"])
     p.add_argument("--order", type=int, default=3)
-    p.add_argument("--kernels", default="reference,xla,pallas")
+    p.add_argument("--kernels", default="", help="default: all; on CPU reference,xla,pallas")
     p.add_argument("--iters", type=int, default=50, help="loop length n (the loop runs n and 2n)")
     p.add_argument("--repeats", type=int, default=5)
     args = p.parse_args(argv)
 
     dev, platform = jax.devices()[0], jax.default_backend()
     dtype = jnp.dtype(args.dtype)
-    names = args.kernels.split(",")
+    names = args.kernels.split(",") if args.kernels else list(KERNELS)
+    if platform == "cpu" and not args.kernels:
+        names.remove("mosaic_gpu")
     print(f"device: {dev.device_kind} ({platform}), jax {jax.__version__}, dtype {dtype.name}")
-    if platform == "cpu" and "pallas" in names:
-        print("pallas: interpret mode on CPU; its times say nothing about GPU/TPU speed")
+    if platform == "cpu" and {"pallas", "mosaic_gpu"} & set(names):
+        print("pallas, mosaic_gpu: interpret mode on CPU; the times say nothing about speed")
     tol = 3e-2 if dtype == jnp.bfloat16 else 1e-4
     w, b = acts.init_coeffs(args.order)
     w = w * jnp.arange(1.0, args.order + 1)  # distinct coefficients
     failed = False
     header = (
-        f"{'shape':>12} {'kernel':>9} {'pass':>8} {'us':>10} {'GB/s':>8} {'of copy':>8} "
+        f"{'shape':>12} {'kernel':>10} {'pass':>8} {'us':>10} {'GB/s':>8} {'of copy':>8} "
         f"{'vs xla':>7} {'max err':>8}"
     )
     for width in [int(v) for v in args.widths.split(",")]:
@@ -118,12 +123,14 @@ def main(argv=None) -> None:
         f32 = jnp.float32
         want_dx, want_y = jax.jit(fwd_bwd(acts.polynorm))(x.astype(f32), g.astype(f32), w, b)
         rows = {}
+        if "mosaic_gpu" in names and not kernels.mosaic_gpu.supports(width, dtype, 2):
+            print(f"mosaic_gpu: not for width {width} in {dtype.name}: its times are Triton's")
         for name in names:
             f = KERNELS[name]
             dx, y = jax.jit(fwd_bwd(f))(x, g, w, b)
             err = max(max_rel_err(y, want_y), max_rel_err(dx, want_dx))
             if not err <= tol:
-                print(f"{'x'.join(map(str, shape)):>12} {name:>9} MISMATCH: max error {err:.2e}")
+                print(f"{'x'.join(map(str, shape)):>12} {name:>10} MISMATCH: max error {err:.2e}")
                 failed = True
                 continue
             fwd = seconds_per_step(lambda x, f=f: (f(x, w, b),), (x,), args.iters, args.repeats)
@@ -136,7 +143,7 @@ def main(argv=None) -> None:
                 t, bw = r[phase], traffic / r[phase]
                 vs = f"{rows['xla'][phase] / t:6.2f}x" if "xla" in rows else f"{'n/a':>7}"
                 print(
-                    f"{'x'.join(map(str, shape)):>12} {name:>9} {phase:>8} {t * 1e6:10.1f} "
+                    f"{'x'.join(map(str, shape)):>12} {name:>10} {phase:>8} {t * 1e6:10.1f} "
                     f"{bw / 1e9:8.1f} {bw / copy_bw:8.2f} {vs} {r['err']:8.1e}"
                 )
     if failed:

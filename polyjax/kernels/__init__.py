@@ -24,7 +24,7 @@ import jax
 import jax.numpy as jnp
 
 from polyjax import activations as acts
-from polyjax.kernels import pallas, xla
+from polyjax.kernels import mosaic_gpu, pallas, xla
 from polyjax.kernels.dispatch import AUTO_PALLAS, IMPLS, pallas_config, resolve_impl
 from polyjax.kernels.pallas import make_plan
 
@@ -120,9 +120,16 @@ def _reduce_rows(parts: Array, like: Array) -> Array:
 # The custom VJPs; ``cfg`` is a ``pallas.Config``, or None for the jnp passes.
 
 
+def _mosaic(cfg, x, n_staged) -> bool:
+    """Whether the Mosaic GPU kernels take these rows (else Triton's)."""
+    return cfg.backend == "mosaic_gpu" and mosaic_gpu.supports(x.shape[1], x.dtype, n_staged)
+
+
 def _polynorm_forward(cfg, x, up, w, b, eps):
     if cfg is None:
         return xla.polynorm_forward(x, up, w, b, eps)
+    if _mosaic(cfg, x, 1 if up is None else 2):
+        return mosaic_gpu.polynorm_forward(x, up, w, b, eps, interpret=cfg.interpret)
     return pallas.polynorm_forward(cfg, x, up, w, b, eps)
 
 
@@ -141,6 +148,8 @@ def _polynorm_bwd(cfg, eps, res, g):
     x, up, w, b, stats = res
     if cfg is None:
         dx, dup, parts = xla.polynorm_backward(x, up, g, w, b, stats)
+    elif _mosaic(cfg, x, 2 if up is None else 3):
+        dx, dup, parts = mosaic_gpu.polynorm_backward(x, up, g, w, b, stats, cfg.interpret)
     else:
         dx, dup, parts = pallas.polynorm_backward(cfg, x, up, g, w, b, stats)
     order = w.shape[1]

@@ -38,7 +38,7 @@ from polyjax.kernels import closed_form as cf
 Array = jax.Array
 f32 = jnp.float32
 
-BACKENDS = ("triton", "tpu")
+BACKENDS = ("triton", "tpu", "mosaic_gpu")
 RESIDENT_MAX = 16384  # Triton: rows up to this width are loaded once, kept in registers
 TRITON_CHUNK = 4096  # columns of a full chunk
 TRITON_TILE = 16384  # elements of a resident program's tile (rows x padded width)
@@ -50,7 +50,9 @@ TPU_VMEM_LIMIT = 48 * 1024 * 1024
 
 @dataclasses.dataclass(frozen=True)
 class Config:
-    """How the Pallas kernels run: ``backend`` "triton" (GPU) or "tpu";
+    """How the Pallas kernels run: ``backend`` "triton" (GPU), "tpu", or
+    "mosaic_gpu" (Hopper: ``kernels.mosaic_gpu`` for PolyNorm rows it supports,
+    the Triton kernels for everything else);
     ``interpret`` runs them in Pallas interpret mode (CPU); ``block_rows``,
     ``block_cols`` and ``resident`` override the ``Plan``'s choices."""
 
@@ -105,7 +107,7 @@ def _pow2(n: int) -> bool:
 def make_plan(cfg: Config, m: int, width: int) -> Plan:
     """The ``Plan`` of an (m, width) array under ``cfg`` (docs/kernels.md)."""
     rows_kw, cols_kw = cfg.block_rows, cfg.block_cols
-    if cfg.backend == "triton":
+    if cfg.backend in ("triton", "mosaic_gpu"):
         for name, v in (("block_rows", rows_kw), ("block_cols", cols_kw)):
             if v is not None and not _pow2(v):
                 raise ValueError(f"{name} must be a power of two for Triton, got {v}")
