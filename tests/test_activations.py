@@ -287,8 +287,9 @@ def test_unknown_names_list_valid_ones():
         acts.ActivationConfig(name="polycom", base="sine")
     with pytest.raises(ValueError, match=r"polycom_type must be 1 or 2"):
         acts.ActivationConfig(name="polycom", polycom_type=3)
-    with pytest.raises(ValueError, match=r"activation.kernel"):
+    with pytest.raises(ValueError, match=r"activation.kernel must be one of .*reference"):
         acts.ActivationConfig(kernel="cuda")
+    assert acts.ActivationConfig(kernel="reference").kernel == "reference"
 
 
 def test_bad_order_and_eps():

@@ -106,10 +106,10 @@ def test_fp32_matches_reference(name):
         _check(f, REFS[op], (x, up, w, b), 2e-5)
 
 
-@pytest.mark.parametrize("name", ["xla", "triton", "tpu"])
+@pytest.mark.parametrize("name", ["xla", "triton"])
 def test_bf16_matches_reference(name):
-    """The default plans in bf16 (Triton: 12 rows in a 16-row block, a 200-wide
-    row padded to 256 columns)."""
+    """bf16, the default plan (Triton: 12 rows in a 16-row block, a 200-wide row
+    padded to 256 columns); the TPU layout's default plan runs in float64 below."""
     impl = "xla" if name == "xla" else "pallas"
     kw = {} if name == "xla" else {"backend": name}
     x = jax.random.normal(jax.random.key(3), (12, 200)).astype(jnp.bfloat16)
