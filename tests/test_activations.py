@@ -99,7 +99,7 @@ def test_lemma1_polynomial_is_sum_of_two_polyrelus(seed):
 
 
 def naive_polynorm(x, w, b, eps=1e-6):
-    """Written from REFERENCE.md independently of polyjax: RMS per power."""
+    """Written from the definition (docs/kernels.md) independently of polyjax: RMS per power."""
     out = b
     for p in range(1, w.shape[0] + 1):
         xp = x**p
@@ -113,7 +113,7 @@ def naive_polyrelu(x, w, b):
 
 
 def closed_form_polynorm_grads(x, w, g, eps=1e-6):
-    """REFERENCE.md's closed form for dx, dw, db."""
+    """The closed form for dx, dw, db (docs/kernels.md, The math)."""
     H = x.shape[-1]
     dx = jnp.zeros_like(x)
     dw = []
