@@ -7,6 +7,7 @@ parameters (the head included), no discount for the causal mask. MFU is against
 the bf16 dense peak of the device kind (n/a on CPU or an unknown device).
 
     python benchmarks/step_time.py --family dense --size tiny --act polynorm --baseline swiglu
+    python benchmarks/step_time.py --size 1b --act polynorm --baseline '' --kernel pallas
 """
 
 from __future__ import annotations
@@ -70,6 +71,12 @@ def main(argv=None):
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--dtype", default="", help="override the preset's compute dtype")
     p.add_argument("--remat", default="", help="override the preset's remat policy")
+    p.add_argument(
+        "--kernel",
+        default="",
+        choices=("", "xla", "pallas", "reference"),
+        help="activation.kernel of the PolyNorm/PolyReLU family (default: the preset's)",
+    )
     args = p.parse_args(argv)
 
     devices = jax.devices()
@@ -81,6 +88,8 @@ def main(argv=None):
     for act in acts:
         d = preset(args.family, args.size, act)
         d.update({k: v for k, v in (("dtype", args.dtype), ("remat", args.remat)) if v})
+        if args.kernel:
+            d["activation"] = {**d["activation"], "kernel": args.kernel}
         cfg = ModelConfig.from_dict(d)
         seq = args.seq or cfg.max_seq_len
         r = measure(cfg, args.batch, seq, args.steps, args.warmup)
@@ -94,7 +103,8 @@ def main(argv=None):
     cfg = rows[args.act]["cfg"]
     print(
         f"config: {args.family}/{args.size} d_model={cfg.d_model} layers={cfg.n_layers} "
-        f"dtype={cfg.dtype} remat={cfg.remat} scan={cfg.scan_layers} batch={args.batch} "
+        f"dtype={cfg.dtype} remat={cfg.remat} scan={cfg.scan_layers} "
+        f"kernel={cfg.activation.kernel} batch={args.batch} "
         f"seq={args.seq or cfg.max_seq_len} steps={args.steps} (median), fwd+bwd+AdamW"
     )
     print(f"{'act':10s} {'params':>14s} {'step ms':>9s} {'tokens/s':>11s} {'TFLOP/s/dev':>12s} MFU")

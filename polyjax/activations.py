@@ -116,7 +116,9 @@ def swiglu(gate: Array, up: Array) -> Array:
 # Polynomials and PolyCom.
 
 
-def _check_coeffs(weight: Array, bias: Array) -> int:
+def check_coeffs(weight: Array, bias: Array) -> int:
+    """The order r of PolyCom coefficients ``weight`` (..., r) and ``bias`` (), (1,)
+    or (..., 1), or a ValueError naming the bad argument."""
     order = weight.shape[-1] if weight.ndim else 0
     if order < 1:
         raise ValueError(
@@ -128,7 +130,8 @@ def _check_coeffs(weight: Array, bias: Array) -> int:
     return order
 
 
-def _check_eps(eps: float) -> None:
+def check_eps(eps: float) -> None:
+    """A ValueError unless a Python-number ``eps`` is > 0 (traced values pass)."""
     if isinstance(eps, int | float) and not eps > 0:
         raise ValueError(f"eps must be > 0 (it sits inside the rsqrt), got {eps}")
 
@@ -149,7 +152,7 @@ def poly(x: Array, weight: Array, bias: Array) -> Array:
 
 def polycom_type1(x: Array, weight: Array, bias: Array, rho: Callable[[Array], Array]) -> Array:
     """PolyCom Type I: a_0 + sum_{i=1..r} a_i rho(x)^i (Horner form, in fp32)."""
-    order = _check_coeffs(weight, bias)
+    order = check_coeffs(weight, bias)
     w = weight.astype(jnp.float32)
     z = rho(x).astype(jnp.float32)
     y = _coef(w, order) * z
@@ -160,7 +163,7 @@ def polycom_type1(x: Array, weight: Array, bias: Array, rho: Callable[[Array], A
 
 def polycom_type2(x: Array, weight: Array, bias: Array, rho: Callable[[Array], Array]) -> Array:
     """PolyCom Type II: a_0 + sum_{i=1..r} a_i rho(x^i)."""
-    order = _check_coeffs(weight, bias)
+    order = check_coeffs(weight, bias)
     w = weight.astype(x.dtype)
     y = _bias(bias).astype(x.dtype)
     for i in range(1, order + 1):
@@ -169,9 +172,14 @@ def polycom_type2(x: Array, weight: Array, bias: Array, rho: Callable[[Array], A
 
 
 def rms_normalize(x: Array, eps: float = 1e-6) -> Array:
-    """x * rsqrt(mean(x^2) + eps) over the last axis, in fp32, no gain."""
+    """x / sqrt(mean(x^2) + eps) over the last axis, in fp32, no gain.
+
+    Written with sqrt rather than rsqrt for autodiff: the derivative rule of
+    rsqrt(v) forms rsqrt(v) / v, which underflows fp32 when v is large (v ~ 1e28
+    for the 6th power of |x| ~ 100), while 1 / sqrt(v) differentiates through
+    1 / sqrt(v)^2 and stays in range."""
     x32 = x.astype(jnp.float32)
-    return x32 * jax.lax.rsqrt(jnp.mean(jnp.square(x32), axis=-1, keepdims=True) + eps)
+    return x32 / jnp.sqrt(jnp.mean(jnp.square(x32), axis=-1, keepdims=True) + eps)
 
 
 def polyrelu(x: Array, weight: Array, bias: Array) -> Array:
@@ -190,8 +198,8 @@ def polynorm(x: Array, weight: Array, bias: Array, eps: float = 1e-6) -> Array:
     y = a_0 + sum_i a_i x^i rsqrt(mean(x^{2i}) + eps), the mean over the last axis,
     each power with its own statistic. Computed in fp32, returned in x's dtype.
     """
-    _check_eps(eps)
-    _check_coeffs(weight, bias)
+    check_eps(eps)
+    check_coeffs(weight, bias)
     y = polycom_type2(
         x.astype(jnp.float32),
         weight.astype(jnp.float32),
@@ -287,13 +295,21 @@ def get_spec(name: str) -> ActivationSpec:
     return REGISTRY[name]
 
 
+KERNELS = ("xla", "pallas", "auto", "reference")
+"""The values of ``ActivationConfig.kernel``."""
+
+
 @dataclasses.dataclass(frozen=True)
 class ActivationConfig:
     """Everything that selects an activation, as read from a config.
 
     name: a key of REGISTRY. order: r for PolyCom. eps: PolyNorm's epsilon.
     base / polycom_type: rho and the type (1 or 2) of the generic ``polycom``.
-    kernel: "xla" | "pallas" | "auto", the implementation of PolyNorm/PolyReLU.
+    kernel: how PolyNorm, PolyNorm-GLU, PolyReLU and PolyReLU-Norm are computed
+    (``KERNELS``; the other activations are always plain jnp): "xla" the fused
+    custom VJP in jnp, "pallas" the Pallas kernels, "auto" Pallas only where it
+    measured faster, "reference" the jnp functions above differentiated by JAX
+    (the only choice that supports forward-mode autodiff). docs/kernels.md.
     """
 
     name: str = "polynorm"
@@ -329,12 +345,26 @@ class ActivationConfig:
         return REGISTRY[self.name]
 
 
-KERNELS = ("xla", "pallas", "auto")
-
-
 def init_coeffs(order: int) -> tuple[Array, Array]:
     """The paper's init: a_i = 1/r for i = 1..r, a_0 = 0."""
     return jnp.full((order,), 1.0 / order, jnp.float32), jnp.zeros((1,), jnp.float32)
+
+
+def check_inputs(
+    cfg: ActivationConfig, up: Array | None, weight: Array | None, bias: Array | None
+) -> None:
+    """A ValueError unless the arguments fit the activation ``cfg`` names: ``up``
+    exactly for gated ones, coefficients of the configured order for PolyCom."""
+    name, spec = cfg.name, cfg.spec
+    if spec.gated != (up is not None):
+        raise ValueError(f"activation {name!r} {'needs' if spec.gated else 'takes no'} `up`")
+    if spec.coeffs and (weight is None or bias is None):
+        raise ValueError(f"activation {name!r} needs its coefficients `weight` and `bias`")
+    if spec.coeffs and weight.shape[-1:] != (cfg.order,):
+        raise ValueError(
+            f"weight: activation {name!r} has order {cfg.order} but weight has shape "
+            f"{weight.shape}; its last axis must hold the {cfg.order} coefficients"
+        )
 
 
 def apply(
@@ -347,36 +377,27 @@ def apply(
     slope: Array | None = None,
     key: Array | None = None,
 ) -> Array:
-    """Apply the activation ``cfg`` names, given its learnable parts.
+    """Apply the activation ``cfg`` names, given its learnable parts, as plain jnp
+    (the reference: JAX differentiates it; ``cfg.kernel`` is not read here, the
+    fused kernels are chosen by ``polyjax.layers.Activation``).
 
     ``up`` is the second projection of a gated activation; ``key`` makes RReLU
     sample its slopes (training). Coefficients follow the module convention.
     """
+    check_inputs(cfg, up, weight, bias)
     name = cfg.name
-    spec = cfg.spec
-    if spec.gated != (up is not None):
-        raise ValueError(f"activation {name!r} {'needs' if spec.gated else 'takes no'} `up`")
-    if spec.coeffs and (weight is None or bias is None):
-        raise ValueError(f"activation {name!r} needs its coefficients `weight` and `bias`")
-    if spec.coeffs and weight.shape[-1:] != (cfg.order,):
-        raise ValueError(
-            f"weight: activation {name!r} has order {cfg.order} but weight has shape "
-            f"{weight.shape}; its last axis must hold the {cfg.order} coefficients"
-        )
     if name == "glu":
         return glu(x, up)
     if name == "swiglu":
         return swiglu(x, up)
     if name == "polynorm_glu":
-        from polyjax import kernels
-
-        return kernels.polynorm_glu(x, up, weight, bias, cfg.eps, impl=cfg.kernel)
+        return polynorm_glu(x, up, weight, bias, cfg.eps)
     if name == "polynorm":
-        return _polynorm_dispatch(cfg, x, weight, bias)
+        return polynorm(x, weight, bias, cfg.eps)
     if name == "polyrelu":
-        return _polyrelu_dispatch(cfg, x, weight, bias)
+        return polyrelu(x, weight, bias)
     if name == "polyrelu_norm":
-        return _polynorm_dispatch(cfg, relu(x), weight, bias)
+        return polyrelu_norm(x, weight, bias, cfg.eps)
     if name == "polyprelu":
         return polyprelu(x, weight, bias, slope)
     if name == "poly":
@@ -392,21 +413,6 @@ def apply(
     if name == "rrelu":
         return rrelu(x, key)
     return BASES[name](x)
-
-
-def _polynorm_dispatch(cfg: ActivationConfig, x: Array, weight: Array, bias: Array) -> Array:
-    """PolyNorm through ``polyjax.kernels`` (a custom VJP saving only x and the
-    per-row statistics), implementation chosen by ``cfg.kernel``."""
-    from polyjax import kernels  # imports this module
-
-    return kernels.polynorm(x, weight, bias, cfg.eps, impl=cfg.kernel)
-
-
-def _polyrelu_dispatch(cfg: ActivationConfig, x: Array, weight: Array, bias: Array) -> Array:
-    """PolyReLU through ``polyjax.kernels`` (a custom VJP saving only x)."""
-    from polyjax import kernels
-
-    return kernels.polyrelu(x, weight, bias, impl=cfg.kernel)
 
 
 def ffn_width(base_width: int, gated: bool, multiple_of: int = 1) -> int:

@@ -14,6 +14,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from polyjax import activations as acts
+from polyjax import kernels
 from polyjax.activations import ActivationConfig
 
 Array = jax.Array
@@ -63,7 +64,14 @@ class Activation(nnx.Module):
 
     ``num_sets`` gives one set of coefficients per expert; the caller then picks
     the rows it needs (``coeffs(index)``) before calling with per-row weights.
+    The one place that reads ``cfg.kernel``: the activations in ``FUSED`` run
+    the fused kernels unless it is "reference"; everything else (and
+    "reference") is the jnp function of ``polyjax.activations``, differentiated
+    by JAX.
     """
+
+    FUSED = ("polynorm", "polynorm_glu", "polyrelu", "polyrelu_norm")
+    """The activations with fused kernels (``polyjax.kernels``)."""
 
     def __init__(self, cfg: ActivationConfig, num_sets: int | None = None, *, rngs: nnx.Rngs):
         self.cfg = cfg
@@ -85,14 +93,28 @@ class Activation(nnx.Module):
     ) -> Array:
         """Apply to ``x`` (the gate, for gated activations). ``weight``/``bias``
         override the stored coefficients (per-expert rows gathered by the caller)."""
+        cfg = self.cfg
         if self.coeffs is not None:
             weight = self.coeffs.weight[...] if weight is None else weight
             bias = self.coeffs.bias[...] if bias is None else bias
+        if cfg.kernel != "reference" and cfg.name in self.FUSED:
+            acts.check_inputs(cfg, up, weight, bias)
+            return self._fused(x, up, weight, bias)
         slope = self.slope[...] if self.slope is not None else None
         key = None
         if self.rngs is not None and not self.deterministic:
             key = self.rngs.activation()
-        return acts.apply(self.cfg, x, up, weight=weight, bias=bias, slope=slope, key=key)
+        return acts.apply(cfg, x, up, weight=weight, bias=bias, slope=slope, key=key)
+
+    def _fused(self, x: Array, up: Array | None, weight: Array, bias: Array) -> Array:
+        name, eps, impl = self.cfg.name, self.cfg.eps, self.cfg.kernel
+        if name == "polynorm_glu":
+            return kernels.polynorm_glu(x, up, weight, bias, eps, impl=impl)
+        if name == "polyrelu":
+            return kernels.polyrelu(x, weight, bias, impl=impl)
+        if name == "polyrelu_norm":
+            x = acts.relu(x)
+        return kernels.polynorm(x, weight, bias, eps, impl=impl)
 
 
 class FFN(nnx.Module):

@@ -99,7 +99,7 @@ def test_lemma1_polynomial_is_sum_of_two_polyrelus(seed):
 
 
 def naive_polynorm(x, w, b, eps=1e-6):
-    """Written from REFERENCE.md independently of polyjax: RMS per power."""
+    """Written from the definition (docs/kernels.md) independently of polyjax: RMS per power."""
     out = b
     for p in range(1, w.shape[0] + 1):
         xp = x**p
@@ -113,7 +113,7 @@ def naive_polyrelu(x, w, b):
 
 
 def closed_form_polynorm_grads(x, w, g, eps=1e-6):
-    """REFERENCE.md's closed form for dx, dw, db."""
+    """The closed form for dx, dw, db (docs/kernels.md, The math)."""
     H = x.shape[-1]
     dx = jnp.zeros_like(x)
     dw = []
@@ -287,8 +287,9 @@ def test_unknown_names_list_valid_ones():
         acts.ActivationConfig(name="polycom", base="sine")
     with pytest.raises(ValueError, match=r"polycom_type must be 1 or 2"):
         acts.ActivationConfig(name="polycom", polycom_type=3)
-    with pytest.raises(ValueError, match=r"activation.kernel"):
+    with pytest.raises(ValueError, match=r"activation.kernel must be one of .*reference"):
         acts.ActivationConfig(kernel="cuda")
+    assert acts.ActivationConfig(kernel="reference").kernel == "reference"
 
 
 def test_bad_order_and_eps():

@@ -7,14 +7,7 @@ import pathlib
 import subprocess
 import sys
 
-import pytest
-
 ROOT = pathlib.Path(__file__).resolve().parents[1]
-
-# TEMPORARY, until the "kernels" branch lands (the lead empties it at the merge):
-# activations.py imports polyjax.kernels inside functions and kernels/core.py imports
-# activations back. That branch moves the kernel choice into the Activation module.
-ALLOWED_EDGES = {("polyjax.activations", "polyjax.kernels")}
 
 
 def modules(root: pathlib.Path, package: str) -> dict[str, pathlib.Path]:
@@ -93,16 +86,9 @@ def test_the_walker_sees_function_level_and_relative_imports(tmp_path):
 def test_polyjax_has_no_import_cycle():
     graph = import_graph(ROOT, "polyjax")
     assert {"polyjax.config", "polyjax.checkpoint"} <= graph["polyjax.train"]  # it reads
-    for a, b in ALLOWED_EDGES:
-        graph[a].discard(b)
     assert find_cycle(graph) is None, " -> ".join(find_cycle(graph))
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="activations imports kernels inside functions; the kernels branch makes it pure "
-    "(the lead removes this mark when merging that branch)",
-)
 def test_activations_load_no_kernel():
     """``import polyjax.activations`` loads no kernel module, and nothing in it
     (no function either) imports one."""

@@ -1,10 +1,12 @@
-"""The PolyNorm / PolyReLU closed forms on fp32 blocks, shared by the jnp ops and
-the Pallas kernel bodies.
+"""The PolyNorm / PolyReLU closed forms on fp32 blocks, shared by the jnp path and
+the Pallas kernel bodies (docs/kernels.md has the formulas).
 
-Everything here works on an fp32 block ``x`` of shape (rows, cols) (or any
-(..., cols)) and on per-row columns of shape (rows, 1) (or (1, 1), broadcast):
-coefficients ``w[p-1]``, statistics ``s[p-1] = rsqrt(mean(x^(2p)) + eps)`` and
-the gradient dots ``c[p-1] = <g, x^p>``, each a Python list of r columns.
+Everything here works on an fp32 block ``x`` of shape (rows, cols) and on per-row
+columns of shape (rows, 1) (or (1, 1), broadcast): coefficients ``w[p-1]``,
+statistics ``s[p-1] = rsqrt(mean(x^(2p)) + eps)`` and gradient dots
+``c[p-1] = <g, x^p>``, each a Python list of r columns. Row sums are left to the
+caller: the ``*_terms`` functions return the per-element terms, so a kernel can
+add them lane by lane across a row's chunks and reduce once at the end.
 """
 
 from __future__ import annotations
@@ -16,10 +18,6 @@ Array = jax.Array
 Cols = list[Array]
 
 
-def _rowsum(v: Array) -> Array:
-    return jnp.sum(v, axis=-1, keepdims=True)
-
-
 def _poly(z: Array, coefs: Cols) -> Array:
     """coefs[0] + coefs[1] z + ... + coefs[-1] z^(n-1), by Horner."""
     y = coefs[-1]
@@ -28,18 +26,22 @@ def _poly(z: Array, coefs: Cols) -> Array:
     return y
 
 
-def even_power_sums(x: Array, order: int) -> Cols:
-    """[sum x^2, sum x^4, ..., sum x^(2r)] over the last axis."""
+def rowsum(v: Array) -> Array:
+    return jnp.sum(v, axis=-1, keepdims=True)
+
+
+def even_power_terms(x: Array, order: int) -> list[Array]:
+    """[x^2, x^4, ..., x^(2r)]: their row sums give the statistics."""
     x2 = x * x
-    q, out = x2, []
-    for p in range(order):
-        out.append(_rowsum(q))
-        if p + 1 < order:
-            q = q * x2
+    q, out = x2, [x2]
+    for _ in range(order - 1):
+        q = q * x2
+        out.append(q)
     return out
 
 
-def stats_from_sums(sums: Cols, width: int | Array, eps: float) -> Cols:
+def stats_from_sums(sums: Cols, width: int, eps: float) -> Cols:
+    """s_p = rsqrt(sum x^(2p) / H + eps)."""
     return [jax.lax.rsqrt(v / width + eps) for v in sums]
 
 
@@ -48,25 +50,29 @@ def polynorm_apply(x: Array, w: Cols, b: Array, s: Cols) -> Array:
     return b + x * _poly(x, [wp * sp for wp, sp in zip(w, s, strict=True)])
 
 
-def grad_dots(x: Array, g: Array, order: int) -> tuple[Cols, Array]:
-    """[<g, x^p> for p = 1..r] and sum g, over the last axis."""
+def grad_terms(x: Array, g: Array, order: int) -> list[Array]:
+    """[g x, g x^2, ..., g x^r, g]: their row sums are the dots <g, x^p> and sum g."""
     q, out = x, []
     for p in range(order):
-        out.append(_rowsum(g * q))
+        out.append(g * q)
         if p + 1 < order:
             q = q * x
-    return out, _rowsum(g)
+    return [*out, g]
 
 
-def polynorm_dx(x: Array, g: Array, w: Cols, s: Cols, c: Cols, width: int | Array) -> Array:
-    """The closed-form input gradient (REFERENCE.md):
-    sum_p w_p (p x^(p-1) s_p g - (p/H) x^(2p-1) s_p^3 <g, x^p>)."""
+def polynorm_dx(x: Array, g: Array, w: Cols, s: Cols, c: Cols, width: int) -> Array:
+    """The closed-form input gradient
+    sum_p w_p (p x^(p-1) s_p g - (p/H) x^(2p-1) s_p^3 <g, x^p>).
+
+    The per-row factor of the second term is formed as (s_p c_p) (s_p s_p): s_p^3
+    alone underflows fp32 for large inputs (|x| ~ 100 at order 6: s_6 ~ 1e-12)
+    before the large c_p could bring it back; s_p c_p and s_p^2 stay in range."""
     a = [wp * (p + 1) * sp for p, (wp, sp) in enumerate(zip(w, s, strict=True))]
-    bcoef = [
-        wp * ((p + 1) / width) * sp * sp * sp * cp
+    k = [
+        ((sp * cp) * (sp * sp)) * (wp * ((p + 1) / width))
         for p, (wp, sp, cp) in enumerate(zip(w, s, c, strict=True))
     ]
-    return g * _poly(x, a) - x * _poly(x * x, bcoef)
+    return g * _poly(x, a) - x * _poly(x * x, k)
 
 
 def polyrelu_apply(x: Array, w: Cols, b: Array) -> Array:
@@ -75,10 +81,7 @@ def polyrelu_apply(x: Array, w: Cols, b: Array) -> Array:
     return b + z * _poly(z, w)
 
 
-def polyrelu_grads(x: Array, g: Array, w: Cols) -> tuple[Array, Cols, Array]:
-    """dx = g 1[x>0] sum_p p w_p relu(x)^(p-1); per-row <g, relu(x)^p>; per-row sum g."""
+def polyrelu_dx(x: Array, g: Array, w: Cols) -> Array:
+    """g 1[x > 0] sum_p p w_p relu(x)^(p-1)."""
     z = jnp.maximum(x, 0.0)
-    dpoly = _poly(z, [wp * (p + 1) for p, wp in enumerate(w)])
-    dx = jnp.where(x > 0, g * dpoly, 0.0)
-    dots, gsum = grad_dots(z, g, len(w))
-    return dx, dots, gsum
+    return jnp.where(x > 0, g * _poly(z, [wp * (p + 1) for p, wp in enumerate(w)]), 0.0)

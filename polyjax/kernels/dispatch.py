@@ -1,20 +1,18 @@
 """Which implementation runs: ``impl`` = "xla" | "pallas" | "auto".
 
-- "xla": the jnp custom VJP (``XlaOps``); exact closed-form gradients, saves
-  only x and the per-row statistics. Runs everywhere.
-- "pallas": the Pallas kernels; Triton layout on GPU, Mosaic layout on TPU, and
-  on CPU the same kernels in interpret mode (slow; for tests).
-- "auto": XLA on CPU. On GPU and TPU, Pallas only where a benchmark on that
-  platform showed it faster; no GPU/TPU measurement exists yet, so
-  ``AUTO_PALLAS`` is empty and auto picks XLA everywhere (see README, Kernels).
+- "xla": the fused passes in jnp (``polyjax.kernels.xla``); runs everywhere.
+- "pallas": the Pallas kernels; the Triton layout on GPU, the TPU layout on TPU,
+  and on CPU the same kernels in interpret mode (slow; for tests).
+- "auto": XLA, except on the platforms in ``AUTO_PALLAS``, where a benchmark
+  showed the Pallas kernels faster. No GPU or TPU measurement exists yet, so it
+  is empty and "auto" is XLA everywhere (docs/kernels.md).
 """
 
 from __future__ import annotations
 
 import jax
 
-from polyjax.kernels.pallas import BACKENDS, PallasOps
-from polyjax.kernels.xla import XlaOps
+from polyjax.kernels import pallas
 
 IMPLS = ("xla", "pallas", "auto")
 AUTO_PALLAS: frozenset[str] = frozenset()
@@ -33,23 +31,25 @@ def resolve_impl(impl: str, platform: str | None = None) -> str:
     return "pallas" if platform in AUTO_PALLAS else "xla"
 
 
-def make_ops(
+def pallas_config(
     impl: str,
     *,
-    interpret: bool | None = None,
     backend: str | None = None,
+    interpret: bool | None = None,
     block_rows: int | None = None,
     block_cols: int | None = None,
-) -> XlaOps | PallasOps:
-    """The ops object for ``impl``. For Pallas: ``backend`` "triton" | "tpu"
-    (default: the current platform's, "triton" on CPU); ``interpret`` defaults to
-    True on CPU, where nothing can compile the kernels."""
+    resident: bool | None = None,
+) -> pallas.Config | None:
+    """The Pallas configuration ``impl`` resolves to, or None for XLA. Defaults:
+    the current platform's layout ("triton" on CPU) and, on CPU, where nothing
+    can compile the kernels, interpret mode."""
     if resolve_impl(impl) == "xla":
-        return XlaOps()
+        return None
     platform = jax.default_backend()
-    backend = backend or _LAYOUT.get(platform, "triton")
-    if backend not in BACKENDS:
-        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
-    if interpret is None:
-        interpret = platform == "cpu"
-    return PallasOps(backend, bool(interpret), block_rows, block_cols)
+    return pallas.Config(
+        backend=backend or _LAYOUT.get(platform, "triton"),
+        interpret=platform == "cpu" if interpret is None else bool(interpret),
+        block_rows=block_rows,
+        block_cols=block_cols,
+        resident=resident,
+    )

@@ -1,13 +1,13 @@
-"""The jnp implementation of the kernel operations (XLA fuses them).
+"""The fused passes in jnp (``impl="xla"``): XLA compiles each into a few fusions.
 
-Used by the ``impl="xla"`` custom VJPs: exact closed forms, and the backward
-needs only x and the per-row statistics, so autodiff stores no powers of x.
-Arrays are (..., H); per-row columns are lists of (..., 1) fp32 arrays.
+Same signatures as the Pallas passes in ``polyjax.kernels.pallas``: x, up, g are
+(M, H); w is (1, r) shared or (M, r) per row, b (1, 1) or (M, 1); statistics are
+(M, r) fp32; the backward returns per-row partials (M, r + 1) fp32 of the weight
+and bias gradients (s_p <g, x^p> for PolyNorm, <g, relu(x)^p> for PolyReLU, then
+sum g), which the caller reduces over rows.
 """
 
 from __future__ import annotations
-
-import dataclasses
 
 import jax
 import jax.numpy as jnp
@@ -15,63 +15,50 @@ import jax.numpy as jnp
 from polyjax.kernels import closed_form as cf
 
 Array = jax.Array
-Cols = list[Array]
 f32 = jnp.float32
 
 
-def _f32(a: Array | None) -> Array | None:
-    return None if a is None else a.astype(f32)
+def _cols(a: Array) -> list[Array]:
+    a = a.astype(f32)
+    return [a[:, i : i + 1] for i in range(a.shape[1])]
 
 
-@dataclasses.dataclass(frozen=True)
-class XlaOps:
-    """PolyNorm / PolyReLU passes as plain jnp."""
+def _rowsums(terms: list[Array]) -> list[Array]:
+    return [cf.rowsum(t) for t in terms]
 
-    def sums(self, x: Array, order: int) -> Cols:
-        return cf.even_power_sums(x.astype(f32), order)
 
-    def apply(self, x: Array, up: Array | None, w: Cols, b: Array, s: Cols) -> Array:
-        y = cf.polynorm_apply(x.astype(f32), w, b, s)
-        return (y if up is None else y * _f32(up)).astype(x.dtype)
+def polynorm_forward(
+    x: Array, up: Array | None, w: Array, b: Array, eps: float
+) -> tuple[Array, Array]:
+    x32, order = x.astype(f32), w.shape[1]
+    s = cf.stats_from_sums(_rowsums(cf.even_power_terms(x32, order)), x.shape[1], eps)
+    y = cf.polynorm_apply(x32, _cols(w), b.astype(f32), s)
+    if up is not None:
+        y = y * up.astype(f32)
+    return y.astype(x.dtype), jnp.concatenate(s, axis=1)
 
-    def forward(
-        self, x: Array, up: Array | None, w: Cols, b: Array, eps: float
-    ) -> tuple[Array, Cols]:
-        s = cf.stats_from_sums(self.sums(x, len(w)), x.shape[-1], eps)
-        return self.apply(x, up, w, b, s), s
 
-    def dots(self, x: Array, up: Array | None, g: Array, order: int) -> tuple[Cols, Array]:
-        ge = g.astype(f32) if up is None else g.astype(f32) * _f32(up)
-        return cf.grad_dots(x.astype(f32), ge, order)
+def polynorm_backward(
+    x: Array, up: Array | None, g: Array, w: Array, b: Array, stats: Array
+) -> tuple[Array, Array | None, Array]:
+    x32, g32, order = x.astype(f32), g.astype(f32), w.shape[1]
+    ge = g32 if up is None else g32 * up.astype(f32)
+    *c, gsum = _rowsums(cf.grad_terms(x32, ge, order))
+    wc, s = _cols(w), _cols(stats)
+    dx = cf.polynorm_dx(x32, ge, wc, s, c, x.shape[1]).astype(x.dtype)
+    dup = None
+    if up is not None:
+        dup = (g32 * cf.polynorm_apply(x32, wc, b.astype(f32), s)).astype(up.dtype)
+    parts = jnp.concatenate([sp * cp for sp, cp in zip(s, c, strict=True)] + [gsum], axis=1)
+    return dx, dup, parts
 
-    def grad_apply(
-        self,
-        x: Array,
-        up: Array | None,
-        g: Array,
-        w: Cols,
-        b: Array,
-        s: Cols,
-        c: Cols,
-        width: int,
-    ) -> tuple[Array, Array | None]:
-        x32, g32 = x.astype(f32), g.astype(f32)
-        ge = g32 if up is None else g32 * _f32(up)
-        dx = cf.polynorm_dx(x32, ge, w, s, c, width).astype(x.dtype)
-        if up is None:
-            return dx, None
-        return dx, (g32 * cf.polynorm_apply(x32, w, b, s)).astype(up.dtype)
 
-    def backward(
-        self, x: Array, up: Array | None, g: Array, w: Cols, b: Array, s: Cols
-    ) -> tuple[Array, Array | None, Cols, Array]:
-        c, gsum = self.dots(x, up, g, len(w))
-        dx, dup = self.grad_apply(x, up, g, w, b, s, c, x.shape[-1])
-        return dx, dup, c, gsum
+def polyrelu_forward(x: Array, w: Array, b: Array) -> Array:
+    return cf.polyrelu_apply(x.astype(f32), _cols(w), b.astype(f32)).astype(x.dtype)
 
-    def relu_forward(self, x: Array, w: Cols, b: Array) -> Array:
-        return cf.polyrelu_apply(x.astype(f32), w, b).astype(x.dtype)
 
-    def relu_backward(self, x: Array, g: Array, w: Cols) -> tuple[Array, Cols, Array]:
-        dx, dots, gsum = cf.polyrelu_grads(x.astype(f32), g.astype(f32), w)
-        return dx.astype(x.dtype), dots, gsum
+def polyrelu_backward(x: Array, g: Array, w: Array) -> tuple[Array, Array]:
+    x32, g32 = x.astype(f32), g.astype(f32)
+    dx = cf.polyrelu_dx(x32, g32, _cols(w)).astype(x.dtype)
+    terms = cf.grad_terms(jnp.maximum(x32, 0.0), g32, w.shape[1])
+    return dx, jnp.concatenate(_rowsums(terms), axis=1)
