@@ -189,3 +189,40 @@ def test_training_on_a_store_resumes_bitwise(tmp_path):
     resumed = [float(first.step()["loss"]) for _ in range(2)]
     first.checkpointer.close()
     assert resumed == losses[2:] and losses[2] != losses[1]  # bitwise
+
+
+def test_a_run_killed_between_meta_json_and_the_rename_is_finished_by_the_rerun(
+    tmp_path, monkeypatch
+):
+    docs, tok = _Docs(SCENES[:9]), tokenizers.ByteTokenizer()
+    build.build_store(docs, tok, tmp_path / "ref", spec="s", shard_docs=4)
+    rename = os.rename
+
+    def killed(src, dst):
+        if str(src).endswith("out.partial"):
+            raise KeyboardInterrupt  # the process dies here
+        rename(src, dst)
+
+    monkeypatch.setattr(build.os, "rename", killed)
+    with pytest.raises(KeyboardInterrupt):
+        build.build_store(docs, tok, tmp_path / "out", spec="s", shard_docs=4)
+    monkeypatch.undo()
+    partial = tmp_path / "out.partial"
+    assert sorted(p.name for p in partial.iterdir())[0] == "meta.json"  # bookkeeping gone
+    with pytest.raises(ValueError, match=r"out\.partial holds a finished store of other inputs"):
+        build.build_store(docs, tok, tmp_path / "out", spec="s", shard_docs=3)
+    build.build_store(docs, tok, tmp_path / "out", spec="s", shard_docs=4)
+    assert _hashes(tmp_path / "out") == _hashes(tmp_path / "ref") and not partial.exists()
+
+
+def test_a_bad_document_in_a_worker_is_one_line_and_exit_2(tmp_path, capsys):
+    lines = [json.dumps({"text": s}) for s in SCENES[:30]]
+    lines[25] = '{"text": "unterminated'
+    (tmp_path / "d.jsonl").write_text("\n".join(lines) + "\n")
+    argv = _argv(f"jsonl:{tmp_path}/d.jsonl", "byte", tmp_path / "s", 2)
+    assert pretokenize.main(argv) == 2
+    err = capsys.readouterr().err.splitlines()[-1]
+    offset = sum(len(line) + 1 for line in lines[:25])
+    assert err.startswith(f"error: jsonl source: {tmp_path}/d.jsonl at byte {offset} is not a")
+    assert not (tmp_path / "s").exists()  # shard 2 failed; shard 0 (and 1) kept for a rerun
+    assert (tmp_path / "s.partial" / "tokens-00000.done.json").is_file()

@@ -267,6 +267,21 @@ def _start_partial(partial: pathlib.Path, tok, plan: dict) -> dict:
     return stored
 
 
+def _check_finished(partial: pathlib.Path, plan: dict) -> None:
+    """A finished build (meta.json written, not yet renamed) must be of the same inputs."""
+    meta = store.read_meta(partial, f"delete {partial} and rerun")
+    fingerprint = f"{plan['tokenizer_fingerprint']}-{plan['source_fingerprint']}"
+    if (meta["fingerprint"], meta.get("shard_docs"), meta["chunk_tokens"]) != (
+        fingerprint,
+        plan["shard_docs"],
+        plan["chunk_tokens"],
+    ):
+        raise ValueError(
+            f"{partial} holds a finished store of other inputs; rerun the command that "
+            f"started it, or delete {partial} to start over"
+        )
+
+
 def _lock(partial: pathlib.Path) -> None:
     """Takes partial/lock.json (host, pid), refusing if a live process holds it."""
     path = partial / LOCK
@@ -368,12 +383,13 @@ def build_store(
         tokenizer_arg=tokenizer_arg,
     )
     try:
-        plan = _start_partial(partial, tok, plan)
-        _lock(partial)
-        if (partial / "meta.json").is_file():  # killed while finishing
+        if (partial / "meta.json").is_file():  # killed while finishing: only the rename left
+            _check_finished(partial, plan)
             _clean(partial)
             os.rename(partial, out)
             return store.TokenStore(out)
+        plan = _start_partial(partial, tok, plan)
+        _lock(partial)
         _clean(partial, finished=False)
         total = num_shards(plan["documents"], shard_docs)
         entries = {k: e for k in range(total) if (e := _read_done(partial, k, plan))}

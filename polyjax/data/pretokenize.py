@@ -105,10 +105,15 @@ def run(args) -> store.TokenStore:
         print(f"{out} is already a complete store ({done.num_tokens:,} tokens); nothing to do")
         return done
     tokenizer_arg = cfg.tokenizer + (f":{cfg.vocab_size}" if cfg.tokenizer == "bpe" else "")
+    partial = out.with_name(out.name + ".partial")
+    # Cheap checks first: the tokenizer file, the source's files (sizes only).
+    tok = _saved_tokenizer(partial, tokenizer_arg)
+    if tok is None and cfg.tokenizer != "bpe":
+        tok = tokenizers.make_tokenizer(cfg.tokenizer, vocab_size=cfg.vocab_size)
+    sources.source_bytes(cfg.source, split=cfg.split, tfds_data_dir=cfg.tfds_data_dir)
     opener = _Opener(cfg.source, cfg.split, cfg.tfds_data_dir)
     docs = opener()
-    partial = out.with_name(out.name + ".partial")
-    tok = _saved_tokenizer(partial, tokenizer_arg) or tokenizers.make_tokenizer(
+    tok = tok or tokenizers.make_tokenizer(
         cfg.tokenizer, vocab_size=cfg.vocab_size, corpus=docs, cache_dir=cfg.resolved_cache_dir()
     )
     start = time.perf_counter()
