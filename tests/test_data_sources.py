@@ -8,7 +8,15 @@ import sysconfig
 import numpy as np
 import pytest
 
-from polyjax.data import DataConfig, check_context, make_pipeline, pretokenize, sources, store
+from polyjax.data import (
+    DataConfig,
+    build,
+    check_context,
+    make_pipeline,
+    pretokenize,
+    sources,
+    store,
+)
 from polyjax.data.tokenizers import ByteTokenizer
 
 SCENES = sources.shakespeare_scenes()
@@ -83,8 +91,9 @@ def test_pretokenize_writes_a_store_that_tokens_sources_read(tmp_path, capsys):
     _write_jsonl(tmp_path / "d.jsonl", SCENES[:30])
     out = tmp_path / "store"
     argv = ["--source", f"jsonl:{tmp_path}/d.jsonl", "--tokenizer", "byte", "--out", str(out)]
-    written = pretokenize.main(argv)
-    assert "tokenised 30/30 documents" in capsys.readouterr().err
+    assert pretokenize.main(argv) == 0
+    assert "documents 30/30 (100.0%)" in capsys.readouterr().err
+    written = store.TokenStore(out)
     assert _store_docs(_span(out)) == SCENES[:30]
     assert written.num_tokens == sum(len(s.encode()) + 1 for s in SCENES[:30])
     p = make_pipeline(_cfg(f"tokens:{out}", tmp_path, val_fraction=0.1))
@@ -103,9 +112,12 @@ def test_pretokenize_writes_a_store_that_tokens_sources_read(tmp_path, capsys):
     )
     q = make_pipeline(_cfg(f"tokens:{out}", tmp_path, val_split=f"tokens:{tmp_path}/v"))
     assert _store_docs(q.val.span) == SCENES[:30] and q.tokenizer.eos_id == 256
-    with pytest.raises(SystemExit):
-        pretokenize.main(argv)  # --out exists
-    assert "exists" in capsys.readouterr().err
+    assert pretokenize.main(argv) == 0  # a finished store: nothing to do
+    assert "already a complete store" in capsys.readouterr().out
+    (tmp_path / "junk").mkdir()
+    junk = ["--source", f"jsonl:{tmp_path}/d.jsonl", "--tokenizer", "byte", "--out"]
+    assert pretokenize.main([*junk, str(tmp_path / "junk")]) == 2
+    assert "junk exists and is not a token store" in capsys.readouterr().err
 
 
 def _span(directory):
@@ -114,36 +126,49 @@ def _span(directory):
     return Span(store.TokenStore(directory))
 
 
-def test_store_records_are_chunked_and_read_back_across_records(tmp_path):
-    w = store.TokenWriter(tmp_path / "s", ByteTokenizer(), chunk_tokens=100)
-    for s in SCENES[:3]:
-        w.add(np.frombuffer(s.encode(), np.uint8))
-    w.close(fingerprint="t")
-    s = store.TokenStore(tmp_path / "s")
-    ref = np.concatenate([[*x.encode(), 256] for x in SCENES[:3]])
-    assert s.num_tokens == len(ref) and s.meta["shards"][0]["records"] == -(-len(ref) // 100)
-    for a, b in ((0, 1), (99, 101), (150, 1234), (len(ref) - 7, len(ref))):
+def test_store_records_are_chunked_per_shard_and_read_back_across_records_and_shards(tmp_path):
+    docs = SCENES[:7]
+    tok = ByteTokenizer()
+    out = tmp_path / "s"
+    build.build_store(docs_source(docs), tok, out, spec="t", shard_docs=3, chunk_tokens=100)
+    s = store.TokenStore(out)
+    per_shard = [np.concatenate([[*x.encode(), 256] for x in docs[i : i + 3]]) for i in (0, 3, 6)]
+    ref = np.concatenate(per_shard)
+    assert s.num_tokens == len(ref)
+    assert [sh["tokens"] for sh in s.meta["shards"]] == [len(p) for p in per_shard]
+    assert [sh["records"] for sh in s.meta["shards"]] == [-(-len(p) // 100) for p in per_shard]
+    boundary = len(per_shard[0])  # a read across the end of shard 0 (a short record)
+    for a, b in ((0, 1), (99, 101), (150, 1234), (boundary - 7, boundary + 150), (0, len(ref))):
         np.testing.assert_array_equal(s.read(a, b), ref[a:b])
+    s.verify()
+
+
+class docs_source(list):  # noqa: N801 (a list posing as a DocumentSource)
+    fingerprint = "list"
 
 
 # --- bad input -------------------------------------------------------------------------------
 
 
 def test_missing_files_and_stores_name_the_path(tmp_path):
-    with pytest.raises(FileNotFoundError, match=r"no files match .*nowhere"):
+    with pytest.raises(ValueError, match=r"no files match .*nowhere"):
         make_pipeline(_cfg(f"text:{tmp_path}/nowhere/*.txt", tmp_path))
-    with pytest.raises(FileNotFoundError, match=r"nostore is not a token store.*pretokenize"):
+    with pytest.raises(ValueError, match=r"nostore is not a token store.*pretokenize"):
         make_pipeline(_cfg(f"tokens:{tmp_path}/nostore", tmp_path))
 
 
 def test_empty_corpus_is_an_error(tmp_path):
     for i in range(3):
         (tmp_path / f"{i}.txt").write_text("")
-    with pytest.raises(ValueError, match=r"corpus text:.*\*\.txt is empty: its 2 documents"):
+    with pytest.raises(ValueError, match=r"the files matching 'text:.*\*\.txt' are empty"):
         make_pipeline(_cfg(f"text:{tmp_path}/*.txt", tmp_path))
-    (tmp_path / "e.jsonl").write_text("\n\n")
-    with pytest.raises(ValueError, match="has no documents"):
+    _write_jsonl(tmp_path / "e.jsonl", ["", "", ""])  # documents without text
+    with pytest.raises(ValueError, match=r"corpus jsonl:.*e\.jsonl is empty: its 2 documents"):
         make_pipeline(_cfg(f"jsonl:{tmp_path}/e.jsonl", tmp_path))
+    assert not list((tmp_path / "c" / "tokens").glob("*.partial*"))  # nothing left behind
+    (tmp_path / "b.jsonl").write_text("\n\n")
+    with pytest.raises(ValueError, match="has no documents"):
+        make_pipeline(_cfg(f"jsonl:{tmp_path}/b.jsonl", tmp_path))
 
 
 def test_jsonl_lines_without_the_text_field_name_field_and_file(tmp_path):
@@ -151,7 +176,7 @@ def test_jsonl_lines_without_the_text_field_name_field_and_file(tmp_path):
     with pytest.raises(ValueError, match=r"d\.jsonl at byte 0 has no text field 'text'.*'body'"):
         make_pipeline(_cfg(f"jsonl:{tmp_path}/d.jsonl", tmp_path))
     (tmp_path / "d.jsonl").write_text(SCENES[0][:50] + "\n")
-    with pytest.raises(ValueError, match=r"d\.jsonl at byte 0 is not a JSON line"):
+    with pytest.raises(ValueError, match=r"d\.jsonl at byte 0 is not a UTF-8 JSON line"):
         make_pipeline(_cfg(f"jsonl:{tmp_path}/d.jsonl#body", tmp_path))
 
 
@@ -167,14 +192,16 @@ def test_corrupt_arrayrecord_files_name_the_shard(tmp_path):
     shard = out / "tokens-00000.array_record"
     data = shard.read_bytes()
     shard.write_bytes(data[: len(data) // 2])
-    with pytest.raises(ValueError, match=r"tokens-00000\.array_record: corrupt, truncated or"):
+    with pytest.raises(ValueError, match=r"tokens-00000\.array_record has \d+ bytes, meta.json"):
         make_pipeline(_cfg(f"tokens:{out}", tmp_path))
     flipped = bytearray(data)
     flipped[300:310] = bytes(10)  # inside the first record's chunk
     shard.write_bytes(bytes(flipped))
-    p = make_pipeline(_cfg(f"tokens:{out}", tmp_path))
+    p = make_pipeline(_cfg(f"tokens:{out}", tmp_path))  # same size: found when read
     with pytest.raises(ValueError, match=r"tokens-00000\.array_record: record 0 is corrupt"):
         [p.train[k] for k in range(p.train.count)]
+    with pytest.raises(ValueError, match=r"tokens-00000\.array_record does not match its checksum"):
+        store.TokenStore(out).verify()
 
 
 def test_sequence_longer_than_context_or_corpus(tmp_path):

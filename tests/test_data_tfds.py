@@ -80,12 +80,36 @@ def test_tfds_source_read_end_to_end(data_dir, tmp_path):
 
 
 def test_tfds_errors_say_how_to_prepare_and_name_split_and_field(data_dir, tmp_path):
-    with pytest.raises(FileNotFoundError, match=r"not prepared .*tfds build polyjax_test_scenes"):
+    with pytest.raises(ValueError, match=r"not prepared .*tfds build polyjax_test_scenes"):
         sources.TFDSText("polyjax_test_scenes", "train", str(tmp_path / "empty"))
-    with pytest.raises(FileNotFoundError, match="'no_such_corpus_xyz' is not prepared"):
+    with pytest.raises(ValueError, match="'no_such_corpus_xyz' is not prepared"):
         sources.TFDSText("no_such_corpus_xyz", "train", data_dir)
     with pytest.raises(ValueError, match=r"split='test' .* valid: \['train', 'validation'\]"):
         sources.TFDSText("polyjax_test_scenes", "test", data_dir)
     src = sources.open_source("tfds:polyjax_test_scenes#body", tfds_data_dir=data_dir)
     with pytest.raises(ValueError, match=r"no text field 'body' \(features: \['text'\]\)"):
         src[0]
+
+
+def test_tfds_size_bound_reads_the_split_metadata_and_names_the_command(data_dir, tmp_path):
+    import tensorflow_datasets as tfds
+
+    from polyjax.data import validate
+
+    splits = tfds.builder("polyjax_test_scenes", data_dir=data_dir).info.splits
+    size = splits["train"].num_bytes + splits["validation"].num_bytes
+    assert size > sum(len(s.encode()) for s in SCENES[:36])  # the serialized records
+    cfg = DataConfig(
+        source="tfds:polyjax_test_scenes",
+        val_split="validation",
+        tfds_data_dir=data_dir,
+        tokenizer="byte",
+        max_tokenize_bytes=size - 1,
+    )
+    with pytest.raises(ValueError) as e:
+        validate(cfg)
+    assert (
+        f"--source tfds:polyjax_test_scenes --tfds_data_dir {data_dir} --tokenizer byte"
+        in str(e.value)
+    ) and "\n" not in str(e.value)
+    assert validate(dataclasses.replace(cfg, max_tokenize_bytes=size)).text_bytes == size

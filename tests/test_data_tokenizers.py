@@ -101,7 +101,7 @@ def test_tokenizer_json_and_sentencepiece_by_path(bpe_path, tmp_path):
 
 
 def test_bad_tokenizer_files_name_the_path(tmp_path):
-    with pytest.raises(FileNotFoundError, match=r"nope\.json"):
+    with pytest.raises(ValueError, match=r"nope\.json does not exist"):
         tokenizers.make_tokenizer(str(tmp_path / "nope.json"), vocab_size=0)
     bad = tmp_path / "bad.model"
     bad.write_bytes(SCENES[0].encode()[:100])

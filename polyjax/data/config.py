@@ -11,6 +11,7 @@ from typing import Any
 from polyjax.fields import from_mapping
 
 SOURCE_KINDS = ("shakespeare", "tfds", "text", "jsonl", "arrayrecord", "tokens")
+MAX_TOKENIZE_BYTES = 2**28  # 256 MiB: about a minute of tokenising in the trainer
 TOKENIZER_KINDS = ("bpe", "byte", "<path to a .model (SentencePiece) or tokenizer.json>")
 
 
@@ -33,6 +34,10 @@ class DataConfig:
     cache_dir: trained tokenizers and tokenised corpora; "" = $POLYJAX_CACHE or
       ~/.cache/polyjax.
     read_threads: Grain reader threads (0 = read in the calling thread).
+    max_tokenize_bytes: the largest text source (training + validation, in bytes of its
+      files or TFDS split) the trainer tokenises itself; a larger one is refused with the
+      `python -m polyjax.data.pretokenize` command to run instead (tokens: sources have no
+      bound).
     """
 
     source: str = "shakespeare"
@@ -48,6 +53,7 @@ class DataConfig:
     cache_dir: str = ""
     tfds_data_dir: str | None = None
     read_threads: int = 0
+    max_tokenize_bytes: int = MAX_TOKENIZE_BYTES
 
     def __post_init__(self):
         kind = self.source.split(":", 1)[0]
@@ -76,6 +82,10 @@ class DataConfig:
                 raise ValueError(f"{name}={getattr(self, name)!r} must be an integer >= 1")
         if not 0 <= self.seed < 2**32:
             raise ValueError(f"seed={self.seed} must be in [0, 2**32)")
+        if not isinstance(self.max_tokenize_bytes, int) or self.max_tokenize_bytes < 1:
+            raise ValueError(
+                f"max_tokenize_bytes={self.max_tokenize_bytes!r} must be an integer >= 1"
+            )
         if self.read_threads < 0:
             raise ValueError(f"read_threads={self.read_threads} must be >= 0")
 
@@ -87,6 +97,11 @@ class DataConfig:
         """The cache directory: the field, else $POLYJAX_CACHE, else ~/.cache/polyjax."""
         path = self.cache_dir or os.environ.get("POLYJAX_CACHE") or "~/.cache/polyjax"
         return pathlib.Path(path).expanduser()
+
+
+def one_line(e: BaseException | str) -> str:
+    """An exception's message with its whitespace (newlines included) collapsed."""
+    return " ".join(str(e).split())
 
 
 def check_context(seq_len: int, max_seq_len: int) -> None:

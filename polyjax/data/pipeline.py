@@ -14,8 +14,8 @@ import pathlib
 
 import numpy as np
 
-from polyjax.data import packing, sources, store, tokenizers
-from polyjax.data.config import DataConfig, check_context
+from polyjax.data import build, checks, packing, sources, store, tokenizers
+from polyjax.data.config import DataConfig
 
 UNIGRAM_MAX_TOKENS = 2**26  # unigram counts and evaluation read at most this many ids
 
@@ -138,11 +138,21 @@ class Pipeline:
         return self._unigram
 
 
+CACHE_FORMAT = "v2"  # in the cache key: entries of an older store format are rebuilt
+
+
 def _cached_store(source, tokenizer, cache_dir: pathlib.Path, spec: str) -> store.TokenStore:
-    path = cache_dir / "tokens" / f"{tokenizer.fingerprint}-{source.fingerprint}"
+    """The store of `source` in the cache, written on first use (and checked in full, its
+    size being bounded by max_tokenize_bytes, when reused)."""
+    name = f"{CACHE_FORMAT}-{tokenizer.fingerprint}-{source.fingerprint}"
+    path = cache_dir / "tokens" / name
+    fix = f"{path} is a cache entry: delete it and it is rebuilt on the next run"
     if (path / "meta.json").is_file():
-        return store.TokenStore(path)
-    return store.write_store(source, tokenizer, path, spec=spec)
+        cached = store.TokenStore(path, fix=fix)
+        cached.verify()
+        return cached
+    build.build_store(source, tokenizer, path, spec=spec, partial=build.private_partial(path))
+    return store.TokenStore(path, fix=fix)
 
 
 def _spans(cfg: DataConfig) -> tuple[object, packing.Span, packing.Span, str]:
@@ -151,13 +161,7 @@ def _spans(cfg: DataConfig) -> tuple[object, packing.Span, packing.Span, str]:
     if kind == "tokens":
         train_store = store.TokenStore(rest)
         tok = train_store.tokenizer()
-        if cfg.tokenizer != "bpe":
-            asked = tokenizers.make_tokenizer(cfg.tokenizer, vocab_size=cfg.vocab_size)
-            if asked.fingerprint != tok.fingerprint:
-                raise ValueError(
-                    f"tokenizer={cfg.tokenizer!r} is not the tokenizer {rest} was written with "
-                    "(leave tokenizer at its default 'bpe' to use the store's)"
-                )
+        checks.check_store_tokenizer(cfg, tok, rest)
         if cfg.val_split is None:
             span = packing.Span(train_store)
             cut = packing.split_tail(span, cfg.val_fraction, tok.eos_id)
@@ -171,7 +175,7 @@ def _spans(cfg: DataConfig) -> tuple[object, packing.Span, packing.Span, str]:
         if val_store.tokenizer().fingerprint != tok.fingerprint:
             raise ValueError(
                 f"val_split={cfg.val_split!r} was written with another tokenizer than "
-                f"source={cfg.source!r}"
+                f"source={cfg.source!r}; re-tokenise one with the other's tokenizer"
             )
         return tok, packing.Span(train_store), packing.Span(val_store), train_store.fingerprint
 
@@ -199,19 +203,24 @@ def make_pipeline(
     process_index: int = 0,
     process_count: int = 1,
     max_seq_len: int | None = None,
+    model_vocab_size: int | None = None,
 ) -> Pipeline:
-    """Opens (tokenising and caching on first use) the data of `cfg` for one process."""
-    if not 0 <= process_index < process_count:
-        raise ValueError(f"process_index={process_index} must be in [0, {process_count})")
-    if cfg.global_batch % process_count:
-        raise ValueError(
-            f"global_batch={cfg.global_batch} must be divisible by process_count={process_count}"
-        )
-    if max_seq_len is not None:
-        check_context(cfg.seq_len, max_seq_len)
+    """Opens the data of `cfg` for one process: first every check that needs no tokenising
+    (`checks.validate`: with `model_vocab_size`, the tokenizer's vocabulary against the
+    model's), then the tokenizer (a BPE trained on first use) and the token stores
+    (tokenised on first use), both cached under cfg.cache_dir; nothing is written elsewhere.
+    Every error is a one-line ValueError naming the path or field and the fix."""
+    checks.validate(
+        cfg,
+        model_vocab_size=model_vocab_size,
+        max_seq_len=max_seq_len,
+        process_index=process_index,
+        process_count=process_count,
+    )
     tok, train_span, val_span, fingerprint = _spans(cfg)
     train = packing.Windows(train_span, cfg.seq_len)
     val = packing.Windows(val_span, cfg.seq_len)
+    checks.check_vocab(tok.vocab_size, model_vocab_size, f"the tokenizer of {cfg.source!r}")
     for name, windows in (("training", train), ("validation", val)):
         if windows.count == 0:
             raise ValueError(

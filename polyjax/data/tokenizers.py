@@ -16,9 +16,21 @@ from collections.abc import Iterator, Sequence
 
 import numpy as np
 
+from polyjax.data.config import one_line
+
 EOS_TOKEN = "<|endoftext|>"
 EOS_CANDIDATES = (EOS_TOKEN, "</s>", "<eos>", "<|end_of_text|>", "<|eos|>")
 BPE_MAX_TRAIN_CHARS = 2**28  # BPE is trained on at most the first 256M characters
+
+
+def _existing(path: str | os.PathLike) -> pathlib.Path:
+    path = pathlib.Path(path)
+    if not path.is_file():
+        raise ValueError(
+            f"tokenizer file {path} does not exist; set data.tokenizer to an existing "
+            "tokenizer.json or SentencePiece .model, 'bpe' or 'byte'"
+        )
+    return path
 
 
 class ByteTokenizer:
@@ -51,18 +63,22 @@ class HFTokenizer:
     def __init__(self, path: str | os.PathLike):
         from tokenizers import Tokenizer
 
-        self.path = pathlib.Path(path)
-        if not self.path.is_file():
-            raise FileNotFoundError(f"tokenizer file {self.path} does not exist")
+        self.path = _existing(path)
         try:
             self._tok = Tokenizer.from_file(str(self.path))
         except Exception as e:
-            raise ValueError(f"{self.path} is not a Hugging Face tokenizer.json ({e})") from None
+            raise ValueError(
+                f"{self.path} is not a Hugging Face tokenizer.json ({one_line(e)}); give a "
+                "tokenizer.json, a SentencePiece .model, 'bpe' or 'byte'"
+            ) from None
         self._tok.encode_special_tokens = True
         ids = [self._tok.token_to_id(t) for t in EOS_CANDIDATES]
         found = [i for i in ids if i is not None]
         if not found:
-            raise ValueError(f"tokenizer {self.path} has none of the eos tokens {EOS_CANDIDATES}")
+            raise ValueError(
+                f"tokenizer {self.path} has none of the eos tokens {EOS_CANDIDATES}; "
+                "add one as a special token"
+            )
         self.eos_id = found[0]
         self.vocab_size = self._tok.get_vocab_size(with_added_tokens=True)
         self.fingerprint = "hf-" + hashlib.sha256(self.path.read_bytes()).hexdigest()[:16]
@@ -89,16 +105,20 @@ class SentencePieceTokenizer:
     def __init__(self, path: str | os.PathLike):
         import sentencepiece as spm
 
-        self.path = pathlib.Path(path)
-        if not self.path.is_file():
-            raise FileNotFoundError(f"tokenizer file {self.path} does not exist")
+        self.path = _existing(path)
         try:
             self._sp = spm.SentencePieceProcessor(model_file=str(self.path))
-        except (RuntimeError, OSError) as e:
-            raise ValueError(f"{self.path} is not a SentencePiece model ({e})") from None
+        except Exception as e:
+            raise ValueError(
+                f"{self.path} is not a SentencePiece model ({one_line(e)}); give a "
+                "SentencePiece .model, a tokenizer.json, 'bpe' or 'byte'"
+            ) from None
         self.eos_id = self._sp.eos_id()
         if self.eos_id < 0:
-            raise ValueError(f"SentencePiece model {self.path} defines no eos piece (eos_id=-1)")
+            raise ValueError(
+                f"SentencePiece model {self.path} defines no eos piece (eos_id=-1); "
+                "train it with an eos piece (eos_id >= 0)"
+            )
         self.vocab_size = self._sp.get_piece_size()
         self.fingerprint = "spm-" + hashlib.sha256(self.path.read_bytes()).hexdigest()[:16]
 
@@ -152,23 +172,62 @@ def _prefix(corpus, max_chars: int) -> Iterator[str]:
         yield text
 
 
+def _bpe_path(cache_dir: pathlib.Path, vocab_size: int, corpus) -> pathlib.Path:
+    return cache_dir / "tokenizers" / f"bpe{vocab_size}-{corpus.fingerprint}.json"
+
+
 def make_tokenizer(
     spec: str, *, vocab_size: int, corpus=None, cache_dir: pathlib.Path | None = None
 ) -> Tokenizer:
     """ "byte", "bpe" (trained on `corpus`, a DocumentSource, cached in cache_dir/tokenizers
     keyed by corpus fingerprint and vocab size), or a path (.model = SentencePiece, else
-    tokenizer.json)."""
+    tokenizer.json). Bad or unwritable files: a one-line ValueError naming the path."""
     if spec == "byte":
         return ByteTokenizer()
     if spec == "bpe":
-        path = cache_dir / "tokenizers" / f"bpe{vocab_size}-{corpus.fingerprint}.json"
+        path = _bpe_path(cache_dir, vocab_size, corpus)
         if path.is_file():
-            return HFTokenizer(path)
+            try:
+                return HFTokenizer(path)
+            except ValueError as e:
+                detail = str(e).partition(" (")[2].rpartition(")")[0]
+                raise ValueError(
+                    f"cached BPE tokenizer {path} is corrupt ({detail}); delete it and it is "
+                    "retrained on the next run"
+                ) from None
         start = time.perf_counter()
-        tok = train_bpe(_prefix(corpus, BPE_MAX_TRAIN_CHARS), vocab_size, path)
+        try:
+            tok = train_bpe(_prefix(corpus, BPE_MAX_TRAIN_CHARS), vocab_size, path)
+        except OSError as e:
+            raise ValueError(
+                f"cannot write the BPE tokenizer to {path} ({one_line(e)}); set data.cache_dir "
+                "(or $POLYJAX_CACHE) to a writable directory"
+            ) from None
         elapsed = time.perf_counter() - start
         print(f"trained BPE {vocab_size} in {elapsed:.1f}s -> {path}", file=sys.stderr)
         return tok
     if spec.endswith(".model"):
         return SentencePieceTokenizer(spec)
     return HFTokenizer(spec)
+
+
+def vocab_size_of(spec: str, *, vocab_size: int) -> int:
+    """The vocabulary of tokenizer `spec` without tokenising or training anything: 257 for
+    "byte", `vocab_size` (the most a trained BPE has) for "bpe", else read from the file."""
+    if spec == "byte":
+        return ByteTokenizer.vocab_size
+    if spec == "bpe":
+        return vocab_size
+    return make_tokenizer(spec, vocab_size=vocab_size).vocab_size
+
+
+def load_saved(kind: str | None, path: pathlib.Path | None, *, fix: str) -> Tokenizer:
+    """The tokenizer a token store was written with (its meta.json "tokenizer" entry)."""
+    if kind == "byte":
+        return ByteTokenizer()
+    if kind not in ("hf", "sentencepiece") or path is None:
+        raise ValueError(f"unknown tokenizer kind {kind!r} / file {path} in a store; {fix}")
+    try:
+        return HFTokenizer(path) if kind == "hf" else SentencePieceTokenizer(path)
+    except ValueError as e:
+        raise ValueError(f"{str(e).partition('; ')[0]}; {fix}") from None
