@@ -158,12 +158,13 @@ def test_rerun_with_other_inputs_or_during_a_live_run_is_refused(corpus, tmp_pat
     np.testing.assert_array_equal(s.read(0, s.num_tokens), expected)
 
 
-def test_training_on_a_store_resumes_bitwise(tmp_path):
-    """Steps 3-4 after restoring the step-2 checkpoint (model and data iterator state, read
-    back from disk into the same trainer to compile once) equal those of the run that saved
-    it, as on Shakespeare (tests/test_train.py)."""
-    from polyjax import config as pc
+def test_training_on_a_store_resumes_bitwise(tmp_path, tiny, monkeypatch):
+    """A run on a token store, interrupted after its step-2 checkpoint and resumed,
+    logs the losses of the uninterrupted run bit for bit, as on Shakespeare
+    (tests/test_train.py)."""
+    from polyjax import metrics as mx
     from polyjax import train
+    from polyjax.data import pipeline
 
     d = tmp_path / "corpus"
     d.mkdir()
@@ -173,22 +174,25 @@ def test_training_on_a_store_resumes_bitwise(tmp_path):
     out = tmp_path / "store"
     argv = ["--source", f"jsonl:{d}/scenes.jsonl", "--tokenizer", "byte", "--out", str(out)]
     assert pretokenize.main([*argv, "--shard_docs", "7"]) == 0
-    cfg = pc.load(f"{ROOT}/configs/dense.py:size=tiny")
-    small = {"data.seq_len": 16, "data.global_batch": 8, "data.source": f"tokens:{out}"}
-    for key, value in {**small, "train.eval_batches": 1, "optim.warmup_steps": 2}.items():
-        pc.override(cfg, key, str(value))
-    spec = train.Spec.from_config(cfg)
-    first = train.Trainer(spec, tmp_path / "run")
-    assert first.pipeline.train.span.store.directory == out
-    assert len(first.pipeline.train.span.store.paths) == 9  # 60 documents, 7 a shard
-    losses = [float(first.step()["loss"]) for _ in range(2)]
-    first.save()
-    first.checkpointer.finish()
-    losses += [float(first.step()["loss"]) for _ in range(2)]
-    first.restore(2)
-    resumed = [float(first.step()["loss"]) for _ in range(2)]
-    first.checkpointer.close()
-    assert resumed == losses[2:] and losses[2] != losses[1]  # bitwise
+    assert len(store.TokenStore(out).paths) == 9  # 60 documents, 7 a shard
+    run = {"data.source": f"tokens:{out}", "train.steps": 4, "train.checkpoint_every": 2}
+    spec = tiny.spec(**run)
+    train.train(spec, tmp_path / "full")
+    real = pipeline.TrainIterator.__next__
+
+    def interrupted(self):
+        if self.get_state()["next_batch"] == 3:  # after the checkpoint at 2 and one more step
+            raise KeyboardInterrupt
+        return real(self)
+
+    monkeypatch.setattr(pipeline.TrainIterator, "__next__", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        train.train(spec, tmp_path / "resumed")
+    monkeypatch.undo()
+    train.train(spec, tmp_path / "resumed")
+    losses = lambda w: [(r["step"], r["loss"]) for r in mx.read_jsonl(w / mx.JSONL)]
+    assert [s for s, _ in losses(tmp_path / "full")] == [1, 2, 3, 4]
+    assert losses(tmp_path / "resumed") == losses(tmp_path / "full")  # bitwise
 
 
 def test_a_run_killed_between_meta_json_and_the_rename_is_finished_by_the_rerun(
