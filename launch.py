@@ -6,6 +6,8 @@
     python launch.py --config configs/moe.py:size=1b --dry_run
     python launch.py --experiment order --seeds 0,1,2     # a study of the paper (experiments/)
     python launch.py ... --coordinator 10.0.0.1:1234 --num_processes 2 --process_id 0
+    python launch.py --sample --workdir runs/default --prompt "ROMEO:" --max_new_tokens 200
+    python launch.py --eval --workdir runs/default --tasks arc_easy,hellaswag  # needs .[eval]
 
 Bad input (a misspelt field, a value of the wrong type or range, an unknown
 activation, an impossible mesh, a workdir holding another config's checkpoints or
@@ -49,6 +51,21 @@ def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[tuple[str, str
     )
     parser.add_argument("--scale", default="cpu", help="with --experiment: toy, cpu or paper")
     parser.add_argument("--seeds", default="0,1,2", help="with --experiment: seeds")
+    # Around a trained model (polyjax.sample, polyjax.lm_eval_model): --workdir names the run.
+    parser.add_argument("--sample", action="store_true", help="print text from --workdir's model")
+    parser.add_argument("--prompt", default="", help="with --sample: the text to continue")
+    parser.add_argument("--max_new_tokens", type=int, default=200, help="with --sample")
+    parser.add_argument("--temperature", type=float, default=0.8, help="with --sample; 0: greedy")
+    parser.add_argument("--top_k", type=int, default=0, help="with --sample; 0: off")
+    parser.add_argument("--top_p", type=float, default=0.95, help="with --sample; 1: off")
+    parser.add_argument("--num_samples", type=int, default=1, help="with --sample")
+    parser.add_argument("--seed", type=int, default=0, help="with --sample or --eval")
+    parser.add_argument("--eval", action="store_true", help="lm-eval tasks on --workdir's model")
+    parser.add_argument("--tasks", default="", help="with --eval: a,b,... or paper")
+    parser.add_argument("--limit", type=float, help="with --eval: examples per task (testing)")
+    parser.add_argument("--num_fewshot", type=int, help="with --eval")
+    parser.add_argument("--batch_size", type=int, default=32, help="with --eval")
+    parser.add_argument("--include_path", help="with --eval: a folder of task YAMLs")
     parser.add_argument("--coordinator", help="host:port of process 0 (multi-host)")
     parser.add_argument("--num_processes", type=int)
     parser.add_argument("--process_id", type=int)
@@ -113,6 +130,8 @@ NONFINITE_EXIT = 3
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     args, overrides = parse_args(argv)
+    if args.sample or args.eval:
+        return around_a_model(args)
     if args.experiment:
         return experiment(args, overrides)
     try:
@@ -149,6 +168,46 @@ def main(argv: list[str] | None = None) -> int:
         except train.NonFiniteError as e:
             print(f"launch.py: {e}", file=sys.stderr, flush=True)
             return NONFINITE_EXIT
+    return 0
+
+
+def around_a_model(args: argparse.Namespace) -> int:
+    """``--sample`` (print text) or ``--eval`` (lm-eval tasks) on ``--workdir``'s model."""
+    if not args.workdir:
+        print(
+            "launch.py: error: --sample and --eval need --workdir (a trained run)", file=sys.stderr
+        )
+        return 2
+    try:
+        if args.sample:
+            from polyjax import sample
+
+            sample.main(
+                args.workdir,
+                args.prompt,
+                max_new_tokens=args.max_new_tokens,
+                temperature=args.temperature,
+                top_k=args.top_k,
+                top_p=args.top_p,
+                seed=args.seed,
+                num_samples=args.num_samples,
+            )
+        else:
+            from polyjax import lm_eval_model
+
+            limit = args.limit if args.limit is None or args.limit < 1 else int(args.limit)
+            lm_eval_model.main(
+                args.workdir,
+                args.tasks,
+                limit=limit,
+                num_fewshot=args.num_fewshot,
+                batch_size=args.batch_size,
+                include_path=args.include_path,
+                seed=args.seed,
+            )
+    except ValueError as e:
+        print(f"launch.py: error: {str(e).splitlines()[0]}", file=sys.stderr)
+        return 2
     return 0
 
 
