@@ -6,9 +6,9 @@
   batches of ``batch_size`` rows (a multiple of the mesh's data-parallel size),
   right-padded to a power-of-two length, so the forward pass compiles once per
   length bucket (a handful in all).
-- ``rolling_windows``: a long text cut into windows of the model's context that
-  predict every token exactly once (each window after the first conditioned on the
-  tokens just before it), for perplexities.
+- Texts longer than the model's context are scored in windows that predict every
+  token exactly once, each conditioned on as many tokens before it as fit
+  (``chunks``; ``rolling_windows`` for perplexities).
 
 No lm-evaluation-harness here: ``polyjax.lm_eval_model`` wraps these in its API.
 """
@@ -47,35 +47,50 @@ def _score_batch(
     return logp_B, greedy_B
 
 
-def _window(context: Sequence[int], continuation: Sequence[int], width: int) -> tuple[list, int]:
-    """The model's input+target tokens (at most width + 1, the context cut from the
-    left) and how many of the last targets are the continuation."""
+def chunks(
+    context: Sequence[int], continuation: Sequence[int], width: int
+) -> list[tuple[list, list]]:
+    """(context, continuation) pairs that each fit a window of ``width`` inputs and
+    together score every token of ``continuation`` once: a continuation longer than
+    the window is scored in pieces, each conditioned on as many tokens before it as
+    fit (contexts are cut from the left)."""
     if not continuation:
         raise ValueError("a continuation must hold at least one token")
     if not context:
         raise ValueError("a context must hold at least one token (e.g. the end-of-text id)")
-    if len(continuation) > width:
-        raise ValueError(
-            f"a continuation of {len(continuation)} tokens does not fit the model's "
-            f"context of {width} tokens"
-        )
-    tokens = (list(context) + list(continuation))[-(width + 1) :]
-    return tokens, len(continuation)
+    tokens = list(context) + list(continuation)
+    start, out = len(context), []
+    while start < len(tokens):
+        end = min(start + width, len(tokens))
+        out.append((tokens[max(0, end - width - 1) : start], tokens[start:end]))
+        start = end
+    return out
+
+
+def rolling_windows(tokens: Sequence[int], prefix: int, width: int) -> list[tuple[list, list]]:
+    """The windows of a perplexity: every token of ``tokens`` scored once, the first
+    ones conditioned on ``prefix`` (e.g. the end-of-text id), each later window on as
+    many tokens before it as fit (the last window is full, scoring only new tokens)."""
+    return chunks([prefix], tokens, width) if len(tokens) else []
 
 
 def loglikelihoods(
     run: Run, pairs: Sequence[Pair], batch_size: int = 32
 ) -> list[tuple[float, bool]]:
     """(log p(continuation | context), is greedy) for each (context, continuation)
-    of token ids; contexts longer than the model's window are cut from the left."""
+    of token ids, in windows of the model's context (``chunks``)."""
     width = run.model_config.max_seq_len
     multiple = batch_multiple(run.mesh)
     rows = max(multiple, -(-batch_size // multiple) * multiple)
-    windows = [_window(c, x, width) for c, x in pairs]
+    windows, owner = [], []
+    for p, (context, continuation) in enumerate(pairs):
+        for c, x in chunks(context, continuation, width):
+            windows.append((c + x, len(x)))
+            owner.append(p)
     order = sorted(range(len(windows)), key=lambda i: -len(windows[i][0]))
     graphdef, state = nnx.split(nnx.view(run.model, deterministic=True, raise_if_not_found=False))
     sharding = shd.batch_sharding(run.mesh)
-    results: list[tuple[float, bool]] = [(0.0, False)] * len(windows)
+    logps, greedys = [0.0] * len(pairs), [True] * len(pairs)
     for lo in range(0, len(order), rows):
         idx = order[lo : lo + rows]
         length = bucket(max(len(windows[i][0]) - 1 for i in idx), width)
@@ -92,42 +107,21 @@ def loglikelihoods(
             _score_batch(graphdef, state, put(inputs), put(targets), put(mask))
         )
         for r, i in enumerate(idx):
-            results[i] = (float(logp[r]), bool(greedy[r]))
-    return results
-
-
-def rolling_windows(tokens: Sequence[int], prefix: int, width: int) -> list[tuple[list, list]]:
-    """(context, continuation) pairs that score every token of ``tokens`` exactly
-    once, each within a window of ``width`` inputs: the first window is ``prefix``
-    (e.g. the end-of-text id) and the first width - 1 tokens; each later one
-    predicts the next ``width`` tokens or fewer from as many tokens before them as
-    fit (the last window is full, scoring only its new tokens)."""
-    tokens = list(tokens)
-    if not tokens:
-        return []
-    pairs = [([prefix], tokens[:width])]
-    done = min(width, len(tokens))
-    while done < len(tokens):
-        new = tokens[done : done + width]
-        end = done + len(new)
-        context = tokens[max(0, end - width - 1) : done]
-        pairs.append((context, new))
-        done = end
-    return pairs
+            logps[owner[i]] += float(logp[r])
+            greedys[owner[i]] &= bool(greedy[r])
+    return list(zip(logps, greedys, strict=True))
 
 
 def rolling_loglikelihoods(
     run: Run, texts: Sequence[Sequence[int]], batch_size: int = 32
 ) -> list[float]:
     """log p(text) for each token list, conditioned on the end-of-text token (the
-    start of a document in training), over rolling windows of the model's context."""
-    width = run.model_config.max_seq_len
-    pairs, owner = [], []
-    for t, tokens in enumerate(texts):
-        for pair in rolling_windows(tokens, run.tokenizer.eos_id, width):
-            pairs.append(pair)
-            owner.append(t)
+    start of a document in training), over rolling windows of the model's context;
+    an empty text scores 0."""
+    eos = run.tokenizer.eos_id
+    scored = [i for i, t in enumerate(texts) if len(t)]
+    results = loglikelihoods(run, [([eos], texts[i]) for i in scored], batch_size)
     sums = [0.0] * len(texts)
-    for t, (logp, _) in zip(owner, loglikelihoods(run, pairs, batch_size), strict=True):
-        sums[t] += logp
+    for i, (logp, _) in zip(scored, results, strict=True):
+        sums[i] = logp
     return sums
