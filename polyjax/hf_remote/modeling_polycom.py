@@ -95,6 +95,7 @@ class PolycomConfig(PretrainedConfig):
         norm_topk_prob: bool = False,
         per_expert_coeffs: bool = False,
         initializer_range: float = 0.02,
+        use_cache: bool = True,
         tie_word_embeddings: bool = False,
         **kwargs,
     ):
@@ -123,6 +124,7 @@ class PolycomConfig(PretrainedConfig):
         self.norm_topk_prob = norm_topk_prob
         self.per_expert_coeffs = per_expert_coeffs
         self.initializer_range = initializer_range
+        self.use_cache = use_cache
         super().__init__(tie_word_embeddings=False, **kwargs)
 
 
