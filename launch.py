@@ -193,7 +193,14 @@ def around_a_model(args: argparse.Namespace) -> int:
                 num_samples=args.num_samples,
             )
         else:
-            from polyjax import lm_eval_model
+            try:
+                from polyjax import lm_eval_model
+            except ImportError as e:
+                print(
+                    f"launch.py: error: --eval needs lm-eval ({e}): pip install -e '.[eval]'",
+                    file=sys.stderr,
+                )
+                return 2
 
             limit = args.limit if args.limit is None or args.limit < 1 else int(args.limit)
             lm_eval_model.main(

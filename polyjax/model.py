@@ -351,8 +351,15 @@ class Transformer(nnx.Module):
             return y_BxLxD, (k_BxSxGxK, v_BxSxGxK)
 
         if cfg.scan_layers:
-            scan = nnx.scan(layer, in_axes=(0, nnx.Carry, 0, 0), out_axes=(nnx.Carry, 0))
-            x_BxLxD, (k, v) = scan(self.layers, x_BxLxD, cache["k"], cache["v"])
+            # A plain lax.scan over the stacked layer state (an nnx transform would
+            # refuse modules from an enclosing trace, as in a decoding while_loop).
+            graphdef, stacked = nnx.split(self.layers)
+
+            def body(x_BxLxD, xs):
+                state, k_BxSxGxK, v_BxSxGxK = xs
+                return layer(nnx.merge(graphdef, state), x_BxLxD, k_BxSxGxK, v_BxSxGxK)
+
+            x_BxLxD, (k, v) = jax.lax.scan(body, x_BxLxD, (stacked, cache["k"], cache["v"]))
         else:
             k, v = cache["k"], cache["v"]
             for i, block in enumerate(self.layers):

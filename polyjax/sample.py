@@ -226,6 +226,8 @@ def main(
         ids = [tok.eos_id]  # no prompt: start a new document
     outs = generate(run, [ids] * num_samples, max_new_tokens, sampling, seed)
     texts = [prompt + tok.decode(out) for out in outs]
+    if jax.process_index() != 0:
+        return texts
     for i, text in enumerate(texts):
         if num_samples > 1:
             print(f"--- sample {i + 1} of {num_samples} (step {run.step}, seed {seed})")

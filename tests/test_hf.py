@@ -5,6 +5,7 @@ LlamaForCausalLM, OlmoeForCausalLM and the shipped PolyCom modelling file and gi
 polyjax's logits."""
 
 import functools
+import importlib.util
 import json
 import pathlib
 
@@ -21,6 +22,9 @@ from polyjax.model import ModelConfig, Transformer
 from polyjax.restore import load_run
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
+_spec = importlib.util.spec_from_file_location("launch", ROOT / "launch.py")
+launch = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(launch)
 
 CONFIGS = {
     "llama": dict(d_ff=48, activation=dict(name="swiglu")),
@@ -229,6 +233,7 @@ def test_cli_round_trip_export_import_train_and_sample(tmp_path, capsys):
     )
     assert "as llama" in capsys.readouterr().out
     assert hf.main(["import", str(tmp_path / "hf"), "--out", str(tmp_path / "back")]) == 0
+    assert "imported llama" in capsys.readouterr().out
     original, imported = load_run(tmp_path / "run"), load_run(tmp_path / "back")
     a, b = hf.flat_params(original.model), hf.flat_params(imported.model)
     assert a.keys() == b.keys()
@@ -237,6 +242,11 @@ def test_cli_round_trip_export_import_train_and_sample(tmp_path, capsys):
     np.testing.assert_array_equal(logits_of(original.model), logits_of(imported.model))
     prompt = [imported.tokenizer.encode("ROMEO:")]
     assert sample.generate(imported, prompt, 8) == sample.generate(original, prompt, 8)
+    # launch.py --sample prints the prompt and its continuation.
+    argv = ["--sample", "--workdir", str(tmp_path / "back"), "--prompt", "ROMEO:"]
+    assert launch.main([*argv, "--max_new_tokens", "8", "--temperature", "0"]) == 0
+    printed = capsys.readouterr().out
+    assert printed.startswith("ROMEO:") and len(printed) > len("ROMEO:")
     # Importing over an existing run is refused; the run is untouched.
     assert hf.main(["import", str(tmp_path / "hf"), "--out", str(tmp_path / "back")]) == 2
     assert "already holds checkpoints" in capsys.readouterr().err

@@ -2,6 +2,8 @@
 passes (dense and MoE, unsharded and on 8 devices), and the sampling filters."""
 
 import functools
+import importlib.util
+import pathlib
 
 import jax
 import jax.numpy as jnp
@@ -15,6 +17,7 @@ from polyjax.data.tokenizers import ByteTokenizer
 from polyjax.model import ModelConfig, Transformer, init_cache
 from polyjax.restore import Run
 
+ROOT = pathlib.Path(__file__).resolve().parents[1]
 EOS = 63  # the fake end-of-text id of the tiny models (never produced by argmax in practice)
 
 
@@ -61,12 +64,13 @@ def full_logits(model, row):
     return np.asarray(_forward(*nnx.split(model), jnp.asarray(tokens)))[: len(row)]
 
 
-@pytest.mark.parametrize("family", ["dense", "moe"])
-def test_cached_logits_equal_the_full_forward(family):
-    cfg = tiny(family)
+@pytest.mark.parametrize("family,scan", [("dense", False), ("moe", True)])
+def test_cached_logits_equal_the_full_forward(family, scan):
+    cfg = tiny(family, scan_layers=scan)
     model = model_and_state(cfg)
     graphdef, state = nnx.split(model)
-    decode = jax.jit(lambda *a: nnx.merge(graphdef, state).decode(*a))
+    decode = jax.jit(lambda s, *a: nnx.merge(graphdef, s).decode(*a))
+    decode = functools.partial(decode, state)
     prompt, start = left_pad(PROMPTS, 8)
     cache = init_cache(cfg, 2, 12)
     logits, cache = decode(prompt, cache, jnp.int32(0), start)
@@ -110,9 +114,9 @@ def run_generate(model, prompts, steps, mesh=None, **kw):
     return np.asarray(out)
 
 
-@pytest.mark.parametrize("family", ["dense", "moe"])
-def test_greedy_decoding_equals_argmax_of_full_forward_passes(family):
-    model = model_and_state(tiny(family), seed=1)
+@pytest.mark.parametrize("family,scan", [("dense", False), ("moe", True)])
+def test_greedy_decoding_equals_argmax_of_full_forward_passes(family, scan):
+    model = model_and_state(tiny(family, scan_layers=scan), seed=1)
     out = run_generate(model, PROMPTS, steps=6)
     for b, row in enumerate(PROMPTS):
         assert out[b].tolist() == greedy_reference(model, row, 6)
@@ -180,3 +184,16 @@ def test_sample_logits_filters():
     assert (draw(sample.GREEDY) == 0).all()
     with pytest.raises(ValueError, match="top_p"):
         sample.Sampling(top_p=0.0)
+
+
+def test_launch_sample_refuses_bad_input_in_one_line(tmp_path, capsys):
+    spec = importlib.util.spec_from_file_location("launch", ROOT / "launch.py")
+    launch = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(launch)
+    assert launch.main(["--sample"]) == 2
+    assert "need --workdir" in capsys.readouterr().err
+    assert launch.main(["--sample", "--workdir", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert "holds no checkpoint" in err and err.count("\n") == 1
+    assert launch.main(["--sample", "--workdir", str(tmp_path), "--top_p", "0"]) == 2
+    assert "top_p" in capsys.readouterr().err
