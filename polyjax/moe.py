@@ -94,10 +94,20 @@ def sort_assignments(experts_TxK: Array, num_experts: int) -> tuple[Array, Array
     return order_N, expert_N[order_N], sizes_E
 
 
+def grouped_matmul(x_RxD: Array, w_GxDxF: Array, sizes_G: Array) -> Array:
+    """Rows grouped by expert (the first ``sizes_G[0]`` rows are group 0's, and so
+    on; rows past the groups give zeros) times their group's matrix.
+
+    ``jax.lax.ragged_dot``: a grouped GEMM on GPU and TPU; XLA:CPU has none, and jax
+    lowers it there to one masked dense product per group (G copies of the rows).
+    """
+    return jax.lax.ragged_dot(x_RxD, w_GxDxF, sizes_G)
+
+
 def grouped_in(x_RxD: Array, sizes_G: Array, w_in: Array, w_up: Array | None):
     """The input projection(s) of rows grouped by expert (``sizes_G`` rows each)."""
-    h_RxF = jax.lax.ragged_dot(x_RxD, w_in, sizes_G)
-    u_RxF = None if w_up is None else jax.lax.ragged_dot(x_RxD, w_up, sizes_G)
+    h_RxF = grouped_matmul(x_RxD, w_in, sizes_G)
+    u_RxF = None if w_up is None else grouped_matmul(x_RxD, w_up, sizes_G)
     return h_RxF, u_RxF
 
 
@@ -114,7 +124,7 @@ def local_out(h_NxF: Array, experts_TxK: Array, gates_TxK: Array, w_out: Array) 
     """The output projection, back to token order, weighted by the gates."""
     T, K = experts_TxK.shape
     order_N, _, sizes_E = sort_assignments(experts_TxK, w_out.shape[0])
-    out_NxD = jax.lax.ragged_dot(h_NxF, w_out, sizes_E)
+    out_NxD = grouped_matmul(h_NxF, w_out, sizes_E)
     out_TxKxD = out_NxD[jnp.argsort(order_N)].reshape(T, K, -1)
     return jnp.einsum("tkd,tk->td", out_TxKxD, gates_TxK.astype(out_TxKxD.dtype))
 
@@ -175,7 +185,7 @@ def all_to_all_out(h_RxF, experts_TxK, gates_TxK, w_out, *, num_experts, axes, e
     """The output projection on the expert's device, the way back, the gates."""
     T, K = experts_TxK.shape
     ex = plan_exchange(experts_TxK, num_experts, axes, ep)
-    out_RxD = jax.lax.ragged_dot(h_RxF, w_out, ex.recv_sizes)
+    out_RxD = grouped_matmul(h_RxF, w_out, ex.recv_sizes)
     back_SxCxD = out_RxD[jnp.argsort(ex.recv_order)].reshape(ep, -1, out_RxD.shape[-1])
     home_PxCxD = jax.lax.all_to_all(back_SxCxD, axes, 0, 0)
     out_TxKxD = home_PxCxD.reshape(-1, out_RxD.shape[-1])[ex.back].reshape(T, K, -1)

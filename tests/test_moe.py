@@ -180,18 +180,29 @@ def test_capacity_with_room_equals_dropless_values_and_grads(name, per_expert):
 
 
 @eight
-@pytest.mark.parametrize("mesh_shape", [{"expert": 8}, {"expert": 4, "data": 2}])
-def test_all_to_all_drops_nothing_when_every_token_picks_one_device(mesh_shape):
-    """A tied router sends every assignment to the experts 0 and 1, so the device
-    holding them receives the most a device can (its buffers full)."""
+@pytest.mark.parametrize(
+    "mesh_shape, shape, tied",
+    [
+        ({"expert": 8}, (8, 4), True),
+        ({"expert": 4, "data": 2}, (8, 4), True),
+        ({"data": 4, "tensor": 2}, (4, 3), False),
+    ],
+    ids=str,
+)
+def test_sharded_dropless_layer_equals_per_token_loop(mesh_shape, shape, tied):
+    """Tied router logits send every assignment to experts 0 and 1: the device
+    holding them receives the most a device can (full all_to_all buffers). 4 x 3
+    tokens do not split over 8 devices: padded and cut off again."""
     mesh = sh.make_mesh(mesh_shape)
     shard = sh.ActivationSharding(mesh, sh.DEFAULT_RULES)
     m = layer(num_experts=8, per_expert=True, shard=shard, expert_parallel="all_to_all")
-    m.router[...] = jnp.zeros_like(m.router[...])
-    x = jax.random.normal(jax.random.key(1), (8, 4, D))
+    if tied:
+        m.router[...] = jnp.zeros_like(m.router[...])
+    x = jax.random.normal(jax.random.key(1), (*shape, D))
     graphdef, state = nnx.split(m)
     y, stats = jax.jit(lambda s, x: nnx.merge(graphdef, s)(x))(state, x)
-    np.testing.assert_allclose(stats["load"], [0.5, 0.5] + [0.0] * 6)
+    if tied:
+        np.testing.assert_allclose(stats["load"], [0.5, 0.5] + [0.0] * 6)
     np.testing.assert_allclose(y, naive(m, x), rtol=1e-4, atol=1e-5)
 
 
