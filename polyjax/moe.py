@@ -96,7 +96,8 @@ def sort_assignments(experts_TxK: Array, num_experts: int) -> tuple[Array, Array
 
 def grouped_matmul(x_RxD: Array, w_GxDxF: Array, sizes_G: Array) -> Array:
     """Rows grouped by expert (the first ``sizes_G[0]`` rows are group 0's, and so
-    on; rows past the groups give zeros) times their group's matrix.
+    on) times their group's matrix; rows past the last group are padding, whose
+    results are never read.
 
     ``jax.lax.ragged_dot``: a grouped GEMM on GPU and TPU; XLA:CPU has none, and jax
     lowers it there to one masked dense product per group (G copies of the rows).
@@ -195,10 +196,11 @@ def all_to_all_out(h_RxF, experts_TxK, gates_TxK, w_out, *, num_experts, axes, e
 def choose_expert_parallel(
     tokens: int, num_experts: int, top_k: int, d_model: int, d_expert: int, n_mats: int, ep: int
 ) -> str:
-    """ "all_to_all" when its worst-case buffers beyond the local assignments
-    ((ep * C - tokens * K) rows of d_model + d_expert, C = tokens * min(K, E / ep))
-    take fewer bytes than the expert weights "gather" brings from the other devices
-    ((E - E / ep) * d_model * d_expert * n_mats); ``tokens`` is per device."""
+    """The expert-parallel path "auto" takes: "all_to_all" when its worst-case
+    buffers beyond the local assignments ((ep * C - tokens * K) rows of d_model +
+    d_expert, C = tokens * min(K, E / ep)) are smaller than the expert weights that
+    "gather" brings from the other devices ((E - E / ep) * d_model * d_expert *
+    n_mats), else "gather"; ``tokens`` is per device."""
     E_loc = num_experts // ep
     extra_rows = ep * tokens * min(top_k, E_loc) - tokens * top_k
     gathered = (num_experts - E_loc) * d_model * d_expert * n_mats
