@@ -12,7 +12,8 @@ Expert activations are any of the registry's; PolyCom coefficients are shared by
 layer's experts or one set per expert (rows gathered per assignment). PolyNorm
 normalises each token over the expert's full intermediate width.
 
-Under a mesh (``shard`` is a ``polyjax.sharding.ActivationSharding``) the dropless
+Under a mesh of more than one device (``shard`` is a
+``polyjax.sharding.ActivationSharding``, which has ``mesh`` and ``mesh_axes``) the dropless
 dispatch runs in ``jax.shard_map``: inside the MoE every device takes its own slice
 of the tokens (the batch split over every mesh axis, ``tensor`` included) and sorts
 only those. Its experts are either all of them (the weights gathered, "gather") or
