@@ -470,11 +470,12 @@ PRESETS = {
     # The paper's models (docs/paper_models.md): the 1B dense model and OLMoE-1B-7B.
     ("dense", "1b"): dict(
         vocab_size=32000, d_model=2048, n_layers=24, n_heads=16, ffn_base=8256, max_seq_len=4096,
-        init_std=0.013975, dtype="bfloat16", remat="save_dots", scan_layers=True,
+        init_std=0.013975, dtype="bfloat16", remat="save_dots_no_batch", scan_layers=True,
     ),
     ("moe", "1b"): dict(
         vocab_size=50304, d_model=2048, n_layers=16, n_heads=16, ffn_base=1536, max_seq_len=4096,
-        num_experts=64, top_k=8, dtype="bfloat16", remat="save_dots", scan_layers=True,
+        num_experts=64, top_k=8, dtype="bfloat16", remat="save_dots_no_batch",
+        scan_layers=True,
     ),
 }  # fmt: skip
 """(family, size) -> the model's fields, and ``ffn_base``: the FFN (or expert) width

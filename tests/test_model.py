@@ -237,7 +237,7 @@ def test_presets_build_and_give_paper_widths():
         ({"d_modle": 32}, "unknown model key.*'d_modle'.*valid: vocab_size"),
         ({"n_heads": 5}, "n_heads=5: must divide d_model=32"),
         ({"n_kv_heads": 3}, "n_kv_heads=3: must divide n_heads=4"),
-        ({"remat": "some"}, "remat='some': must be one of none, full, save_dots"),
+        ({"remat": "some"}, "remat='some': must be one of none, full, save_ffn_in"),
         ({"dtype": "fp8"}, "dtype='fp8'"),
         ({"d_ff": None}, "d_ff=None: must be an integer"),
         ({"moe": {"num_experts": 4, "top_k": 5}}, "moe.top_k=5: must be <= moe.num_experts=4"),
