@@ -42,7 +42,7 @@ from ml_collections import config_flags
 
 from experiments import run as experiments
 from polyjax import checkpoint as ckpt
-from polyjax import nonfinite, train
+from polyjax import data, memory, nonfinite, train
 from polyjax import sharding as shd
 from polyjax.config import Spec
 from polyjax.model import flops_per_token, param_counts
@@ -67,7 +67,21 @@ SWEEP = flags.DEFINE_multi_string(
     "field=v1,v2,...: one run per value, in <workdir>/<field>=<value>; "
     "several --sweep: their product",
 )
-DRY_RUN = flags.DEFINE_bool("dry_run", False, "print the plan (counts, mesh, shardings); no run")
+DRY_RUN = flags.DEFINE_bool(
+    "dry_run", False, "print the plan (counts, mesh, shardings, memory per device); no run"
+)
+MEMORY_PLAN = flags.DEFINE_bool(
+    "memory_plan",
+    True,
+    "with --dry_run: compile the train step for the mesh (abstract inputs, nothing "
+    "allocated) and print its memory per device; --nomemory_plan: counts and shardings only",
+)
+DEVICE_MEMORY_GB = flags.DEFINE_float(
+    "device_memory_gb",
+    0.0,
+    "with --dry_run: one device's memory in GB (1e9 bytes) to check the plan against; "
+    "0: the runtime's allocator limit, else a table by device kind",
+)
 EXPERIMENT = flags.DEFINE_string(
     "experiment", None, f"run a study of the paper: {', '.join(experiments.NAMES)}"
 )
@@ -217,6 +231,7 @@ def train_mode() -> int:
         runs = [(Spec.from_config(cfg), workdir) for cfg, workdir in sweep_points()]
         for spec, workdir in runs:  # refuse a workdir of another config, or only torn steps
             ckpt.resume_step(workdir, spec.config)
+            check_data(spec)  # and data that is missing or does not match the model
     for spec, workdir in runs:
         try:
             train.train(spec, workdir)
@@ -254,12 +269,45 @@ def plan(spec: Spec) -> str:
     )
 
 
+def check_data(spec: Spec) -> data.Checked:
+    """``polyjax.data.validate`` of the run's data against its model: metadata and
+    tokenizer files only, nothing tokenised or written (a ValueError naming the fix)."""
+    return data.validate(
+        spec.data,
+        model_vocab_size=spec.model.vocab_size,
+        max_seq_len=spec.model.max_seq_len,
+        process_index=jax.process_index(),
+        process_count=jax.process_count(),
+    )
+
+
+def data_note(spec: Spec) -> str:
+    """One line on the run's data, from ``check_data``: what it found, or why the
+    run would stop (a dry run goes on without the data)."""
+    try:
+        checked = check_data(spec)
+    except ValueError as e:
+        return f"data: NOT READY (a run would stop here): {e}"
+    if checked.store_tokens is not None:
+        found = f"a token store of {checked.store_tokens:,} tokens"
+    else:
+        found = f"{checked.text_bytes / 1e6:,.1f} MB of text, tokenised by the trainer"
+    return f"data: {spec.data.source}: {found}; vocabulary {checked.vocab_size:,}"
+
+
 def dry_run_mode() -> int:
-    """Print the plan of each point of the sweep; build nothing, allocate nothing."""
+    """Print the plan of each point of the sweep: counts, mesh, shardings, the data
+    checks (a note, not an error: the data may live elsewhere) and, unless
+    --nomemory_plan, the memory per device of the train step compiled from abstract
+    inputs. Nothing is allocated or written."""
     with bad_input():
         runs = [(Spec.from_config(cfg), workdir) for cfg, workdir in sweep_points()]
+    capacity = DEVICE_MEMORY_GB.value * 1e9 or None
     for spec, workdir in runs:
-        print(f"{plan(spec)}\nworkdir {workdir}\n")
+        print(f"{plan(spec)}\n{data_note(spec)}", flush=True)
+        if MEMORY_PLAN.value:
+            print(memory.plan(spec, capacity).describe())
+        print(f"workdir {workdir}\n", flush=True)
     return 0
 
 

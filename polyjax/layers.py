@@ -12,6 +12,7 @@ from collections.abc import Callable
 import jax
 import jax.numpy as jnp
 from flax import nnx
+from jax.ad_checkpoint import checkpoint_name
 
 from polyjax import activations as acts
 from polyjax import kernels
@@ -149,8 +150,10 @@ class FFN(nnx.Module):
     def __call__(self, x_BxLxD: Array) -> Array:
         x_BxLxD = x_BxLxD.astype(self.dtype)
         h_BxLxF = jnp.einsum("bld,df->blf", x_BxLxD, self.w_in[...].astype(self.dtype))
+        h_BxLxF = checkpoint_name(h_BxLxF, "ffn_hidden")
         if self.gated:
             u_BxLxF = jnp.einsum("bld,df->blf", x_BxLxD, self.w_up[...].astype(self.dtype))
+            u_BxLxF = checkpoint_name(u_BxLxF, "ffn_hidden")
             h_BxLxF = self.act(h_BxLxF, u_BxLxF)
         else:
             h_BxLxF = self.act(self.shard(h_BxLxF, ("batch", "length", "mlp")))

@@ -17,6 +17,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 from flax import nnx
+from jax.ad_checkpoint import checkpoint_name
 
 from polyjax import activations as acts
 from polyjax.activations import ActivationConfig
@@ -29,12 +30,21 @@ Array = jax.Array
 REMAT_POLICIES = {
     "none": None,
     "full": jax.checkpoint_policies.nothing_saveable,
+    "save_ffn_in": jax.checkpoint_policies.save_only_these_names("ffn_in"),
+    "save_block": jax.checkpoint_policies.save_only_these_names("attn_out", "ffn_in", "ffn_out"),
+    "save_ffn_hidden": jax.checkpoint_policies.save_only_these_names("ffn_hidden"),
     "save_dots": jax.checkpoint_policies.dots_saveable,
     "save_dots_no_batch": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
 }
-"""Remat policy names: "none" stores every activation, "full" recomputes the whole
-layer in backward, "save_dots" keeps the matmul outputs, "save_dots_no_batch" keeps
-those without batch dimensions (the weight-stationary ones)."""
+"""Remat policies: what each layer keeps for the backward pass (the rest is recomputed
+from the layer's input). "none" keeps every activation, "full" nothing. The named ones
+keep tensors tagged with ``checkpoint_name`` in ``Block`` and ``FFN``: "save_ffn_in"
+the FFN's input (the normalised residual, B x L x D), "save_block" that and the
+attention and FFN outputs, "save_ffn_hidden" the activation's input(s) (the W_in and,
+gated, W_up outputs, B x L x F; the activation itself, e.g. PolyNorm, whose backward
+needs only its input, is recomputed; tagged in the dense FFN only). "save_dots" keeps
+every matmul output (attention scores included), "save_dots_no_batch" those without
+batch dimensions (the projections). docs/scale.md has measured memory and FLOPs."""
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 
@@ -208,11 +218,12 @@ class Block(nnx.Module):
         self, x_BxLxD: Array, positions_BxL: Array, segment_ids_BxL: Array | None
     ) -> tuple[Array, dict[str, Array]]:
         axes = ("batch", "length", "act_embed")
-        h_BxLxD = x_BxLxD + self.attn(self.attn_norm(x_BxLxD), positions_BxL, segment_ids_BxL)
-        h_BxLxD = self.shard(h_BxLxD, axes)
-        f = self.ffn(self.ffn_norm(h_BxLxD))
+        a_BxLxD = self.attn(self.attn_norm(x_BxLxD), positions_BxL, segment_ids_BxL)
+        h_BxLxD = self.shard(x_BxLxD + checkpoint_name(a_BxLxD, "attn_out"), axes)
+        f = self.ffn(checkpoint_name(self.ffn_norm(h_BxLxD), "ffn_in"))
         f_BxLxD, stats = f if isinstance(self.ffn, MoE) else (f, {})
-        return self.shard(h_BxLxD + f_BxLxD.astype(h_BxLxD.dtype), axes), stats
+        f_BxLxD = checkpoint_name(f_BxLxD.astype(h_BxLxD.dtype), "ffn_out")
+        return self.shard(h_BxLxD + f_BxLxD, axes), stats
 
     def decode(
         self,
@@ -293,7 +304,10 @@ class Transformer(nnx.Module):
             return y_BxLxD, ({**stats, "hidden": y_BxLxD} if return_hidden else stats)
 
         if cfg.remat != "none":
-            layer = nnx.remat(layer, policy=REMAT_POLICIES[cfg.remat], prevent_cse=False)
+            # Under scan the loop keeps XLA from merging the recomputation with the
+            # forward pass; a Python loop needs remat's own barrier (prevent_cse).
+            policy = REMAT_POLICIES[cfg.remat]
+            layer = nnx.remat(layer, policy=policy, prevent_cse=not cfg.scan_layers)
         if cfg.scan_layers:
             scan = nnx.scan(layer, in_axes=(0, nnx.Carry), out_axes=(nnx.Carry, 0))
             x_BxLxD, stats = scan(self.layers, x_BxLxD)
@@ -456,11 +470,12 @@ PRESETS = {
     # The paper's models (docs/paper_models.md): the 1B dense model and OLMoE-1B-7B.
     ("dense", "1b"): dict(
         vocab_size=32000, d_model=2048, n_layers=24, n_heads=16, ffn_base=8256, max_seq_len=4096,
-        init_std=0.013975, dtype="bfloat16", remat="save_dots", scan_layers=True,
+        init_std=0.013975, dtype="bfloat16", remat="save_dots_no_batch", scan_layers=True,
     ),
     ("moe", "1b"): dict(
         vocab_size=50304, d_model=2048, n_layers=16, n_heads=16, ffn_base=1536, max_seq_len=4096,
-        num_experts=64, top_k=8, dtype="bfloat16", remat="save_dots", scan_layers=True,
+        num_experts=64, top_k=8, dtype="bfloat16", remat="save_dots_no_batch",
+        scan_layers=True,
     ),
 }  # fmt: skip
 """(family, size) -> the model's fields, and ``ffn_base``: the FFN (or expert) width
