@@ -71,6 +71,15 @@ EXPERIMENT = flags.DEFINE_string(
 )
 SIZE = flags.DEFINE_string("size", "cpu", "with --experiment: the config size of its runs")
 SEEDS = flags.DEFINE_list("seeds", ["0", "1", "2"], "with --experiment: the seeds")
+LRS = flags.DEFINE_list(
+    "lrs",
+    [],
+    "with --experiment: a learning-rate grid; each arm also runs at these on the first "
+    "seed and at its best (on the selection half of the held-out windows) on the others",
+)
+DOWNSTREAM = flags.DEFINE_list(
+    "downstream", [], "with --experiment: lm-eval tasks scored on each final checkpoint"
+)
 COORDINATOR = flags.DEFINE_string("coordinator", None, "host:port of process 0 (multi-host)")
 NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "multi-host: the process count")
 PROCESS_ID = flags.DEFINE_integer("process_id", None, "multi-host: this process's index")
@@ -251,9 +260,21 @@ def experiment_mode() -> int:
     each), table and plots under the workdir."""
     with bad_input():
         seeds = [int(s) for s in SEEDS.value]
+        try:
+            lrs = tuple(float(v) for v in LRS.value)
+        except ValueError:
+            raise ValueError(
+                f"--lrs={','.join(LRS.value)}: expected numbers, e.g. 3e-3,1e-2"
+            ) from None
         overrides = config_flags.get_override_values(FLAGS["config"])
+        controls = experiments.study.Controls(lrs=lrs, tasks=tuple(DOWNSTREAM.value))
         experiments.run(
-            EXPERIMENT.value, out=WORKDIR.value, size=SIZE.value, seeds=seeds, extra=overrides
+            EXPERIMENT.value,
+            out=WORKDIR.value,
+            size=SIZE.value,
+            seeds=seeds,
+            extra=overrides,
+            controls=controls,
         )
     return 0
 

@@ -90,6 +90,7 @@ def main(
     size: str = "cpu",
     seeds: Sequence[int] = (0, 1, 2),
     extra: Mapping[str, Any] = MappingProxyType({}),
+    controls: study.Controls | None = None,
 ) -> None:
     out = pathlib.Path(out)
     acts = STUDIES["activations"]

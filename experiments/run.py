@@ -27,17 +27,20 @@ def run(
     size: str = "cpu",
     seeds: Sequence[int] = (0, 1, 2),
     extra: Mapping[str, Any] = MappingProxyType({}),
+    controls: study.Controls | None = None,
 ) -> None:
     """Run study ``name`` at config size ``size`` into ``out`` (default
-    runs/experiments/<name>); ``extra`` (field -> value) applies to every run."""
+    runs/experiments/<name>); ``extra`` (field -> value) applies to every run;
+    ``controls``: the lr grid, full evaluation and downstream tasks (``study.Controls``)."""
+    controls = controls or study.Controls()
     if name not in NAMES:
         raise ValueError(f"unknown experiment {name!r}; valid: {', '.join(NAMES)}")
     out = out or f"runs/experiments/{name}"
     if name == "theory":
         theory.main(["--out", out, "--seeds", str(max(len(seeds), 2))])
     elif name == "analysis":
-        analysis.main(out, size=size, seeds=seeds, extra=extra)
+        analysis.main(out, size=size, seeds=seeds, extra=extra, controls=controls)
     else:
-        study.run(STUDIES[name], out, size=size, seeds=seeds, extra=extra)
+        study.run(STUDIES[name], out, size=size, seeds=seeds, extra=extra, controls=controls)
         print((pathlib.Path(out) / "table.md").read_text())
         print(f"wrote {out}/table.md, table.csv, curves.png")
