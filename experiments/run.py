@@ -3,8 +3,10 @@
     python launch.py --experiment NAME [--size cpu] [--seeds 0,1,2] [--workdir DIR]
 
 NAME: order, composition, relu_variants, activations, moe (training studies),
-analysis (effective rank and layer similarity of the activations study's
-checkpoints) or theory (Lemma 1 and approximation rates; no LLM training).
+analysis (effective rank and layer similarity of the activations and MoE studies'
+checkpoints, against their initialisations), probes (the init-scale and MoE-gate
+measurements behind experiments/README.md) or theory (Lemma 1 and approximation
+rates; no LLM training).
 """
 
 from __future__ import annotations
@@ -14,10 +16,10 @@ from collections.abc import Mapping, Sequence
 from types import MappingProxyType
 from typing import Any
 
-from experiments import analysis, study, theory
+from experiments import analysis, probes, study, theory
 from experiments.studies import STUDIES
 
-NAMES = (*STUDIES, "analysis", "theory")
+NAMES = (*STUDIES, "analysis", "probes", "theory")
 
 
 def run(
@@ -38,6 +40,8 @@ def run(
     out = out or f"runs/experiments/{name}"
     if name == "theory":
         theory.main(["--out", out, "--seeds", str(max(len(seeds), 2))])
+    elif name == "probes":
+        probes.main(out, size=size, seeds=seeds, extra=extra)
     elif name == "analysis":
         analysis.main(out, size=size, seeds=seeds, extra=extra, controls=controls)
     else:
