@@ -6,6 +6,8 @@
     python launch.py --config configs/moe.py:size=1b --dry_run
     python launch.py --experiment order --size cpu --seeds 0,1,2   # a study (experiments/)
     python launch.py ... --coordinator 10.0.0.1:1234 --num_processes 2 --process_id 0
+    python launch.py --sample --workdir runs/default --prompt "ROMEO:" --max_new_tokens 200
+    python launch.py --eval --workdir runs/default --tasks arc_easy,hellaswag   # needs .[eval]
 
 Flags are absl's; ``--config path.py[:arg]`` and its typed overrides
 ``--config.<field>=<value>`` are ml_collections' ``config_flags``. Bad input (an
@@ -77,9 +79,23 @@ LRS = flags.DEFINE_list(
     "with --experiment: a learning-rate grid; each arm also runs at these on the first "
     "seed and at its best (on the selection half of the held-out windows) on the others",
 )
-DOWNSTREAM = flags.DEFINE_list(
-    "downstream", [], "with --experiment: lm-eval tasks scored on each final checkpoint"
+# Around a trained model (polyjax.sample, polyjax.lm_eval_model): --workdir names the run.
+SAMPLE = flags.DEFINE_bool("sample", False, "print text from --workdir's model")
+PROMPT = flags.DEFINE_string("prompt", "", "with --sample: the text to continue")
+MAX_NEW_TOKENS = flags.DEFINE_integer("max_new_tokens", 200, "with --sample")
+TEMPERATURE = flags.DEFINE_float("temperature", 0.8, "with --sample; 0: greedy")
+TOP_K = flags.DEFINE_integer("top_k", 0, "with --sample; 0: off")
+TOP_P = flags.DEFINE_float("top_p", 0.95, "with --sample; 1: off")
+NUM_SAMPLES = flags.DEFINE_integer("num_samples", 1, "with --sample")
+SEED = flags.DEFINE_integer("seed", 0, "with --sample or --eval")
+EVAL = flags.DEFINE_bool("eval", False, "lm-eval tasks on --workdir's model (needs .[eval])")
+TASKS = flags.DEFINE_string(
+    "tasks", "", "with --eval, or --experiment (scores each final checkpoint): a,b,... or paper"
 )
+LIMIT = flags.DEFINE_float("limit", None, "with --eval: examples per task (testing)")
+NUM_FEWSHOT = flags.DEFINE_integer("num_fewshot", None, "with --eval")
+BATCH_SIZE = flags.DEFINE_integer("batch_size", 32, "with --eval")
+INCLUDE_PATH = flags.DEFINE_string("include_path", None, "with --eval: a folder of task YAMLs")
 COORDINATOR = flags.DEFINE_string("coordinator", None, "host:port of process 0 (multi-host)")
 NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "multi-host: the process count")
 PROCESS_ID = flags.DEFINE_integer("process_id", None, "multi-host: this process's index")
@@ -267,7 +283,8 @@ def experiment_mode() -> int:
                 f"--lrs={','.join(LRS.value)}: expected numbers, e.g. 3e-3,1e-2"
             ) from None
         overrides = config_flags.get_override_values(FLAGS["config"])
-        controls = experiments.study.Controls(lrs=lrs, tasks=tuple(DOWNSTREAM.value))
+        tasks = tuple(t.strip() for t in TASKS.value.split(",") if t.strip())
+        controls = experiments.study.Controls(lrs=lrs, tasks=tasks)
         experiments.run(
             EXPERIMENT.value,
             out=WORKDIR.value,
@@ -279,7 +296,58 @@ def experiment_mode() -> int:
     return 0
 
 
-MODES = {"experiment": experiment_mode, "dry_run": dry_run_mode}
+def _trained_workdir() -> str:
+    if not WORKDIR.value:
+        raise app.UsageError("--sample and --eval need --workdir (a trained run)")
+    return WORKDIR.value
+
+
+def sample_mode() -> int:
+    """``--sample``: print text continuing ``--prompt`` from ``--workdir``'s model."""
+    from polyjax import sample
+
+    with bad_input():
+        sample.main(
+            _trained_workdir(),
+            PROMPT.value,
+            max_new_tokens=MAX_NEW_TOKENS.value,
+            temperature=TEMPERATURE.value,
+            top_k=TOP_K.value,
+            top_p=TOP_P.value,
+            seed=SEED.value,
+            num_samples=NUM_SAMPLES.value,
+        )
+    return 0
+
+
+def eval_mode() -> int:
+    """``--eval``: lm-eval-harness tasks on ``--workdir``'s model; a table and JSON
+    in the workdir."""
+    workdir = _trained_workdir()
+    try:
+        from polyjax import lm_eval_model
+    except ImportError as e:
+        raise app.UsageError(f"--eval needs lm-eval ({e}): pip install -e '.[eval]'") from None
+    limit = LIMIT.value
+    with bad_input():
+        lm_eval_model.main(
+            workdir,
+            TASKS.value,
+            limit=limit if limit is None or limit < 1 else int(limit),
+            num_fewshot=NUM_FEWSHOT.value,
+            batch_size=BATCH_SIZE.value,
+            include_path=INCLUDE_PATH.value,
+            seed=SEED.value,
+        )
+    return 0
+
+
+MODES = {
+    "experiment": experiment_mode,
+    "dry_run": dry_run_mode,
+    "sample": sample_mode,
+    "eval": eval_mode,
+}
 
 
 def main(argv: Sequence[str]) -> int:

@@ -278,9 +278,8 @@ class Attention(nnx.Module):
         self.q_norm = norm(q_shape[1:]) if qk_norm else None
         self.k_norm = norm(kv_shape[1:]) if qk_norm else None
 
-    def __call__(
-        self, x_BxLxD: Array, positions_BxL: Array, segment_ids_BxL: Array | None = None
-    ) -> Array:
+    def _qkv(self, x_BxLxD: Array, positions_BxL: Array) -> tuple[Array, Array, Array]:
+        """The projections, QK-norm and RoPE: queries, keys and values."""
         x_BxLxD = x_BxLxD.astype(self.dtype)
         proj = lambda w: jnp.einsum("bld,dhk->blhk", x_BxLxD, w[...].astype(self.dtype))
         q_BxLxHxK, k_BxLxGxK, v_BxLxGxK = proj(self.w_q), proj(self.w_k), proj(self.w_v)
@@ -288,6 +287,12 @@ class Attention(nnx.Module):
             q_BxLxHxK, k_BxLxGxK = self.q_norm(q_BxLxHxK), self.k_norm(k_BxLxGxK)
         q_BxLxHxK = rope(q_BxLxHxK, positions_BxL, self.rope_theta)
         k_BxLxGxK = rope(k_BxLxGxK, positions_BxL, self.rope_theta)
+        return q_BxLxHxK, k_BxLxGxK, v_BxLxGxK
+
+    def __call__(
+        self, x_BxLxD: Array, positions_BxL: Array, segment_ids_BxL: Array | None = None
+    ) -> Array:
+        q_BxLxHxK, k_BxLxGxK, v_BxLxGxK = self._qkv(x_BxLxD, positions_BxL)
         axes = ("batch", "length", "heads", "kv")
         q_BxLxHxK, k_BxLxGxK, v_BxLxGxK = (
             self.shard(t, axes) for t in (q_BxLxHxK, k_BxLxGxK, v_BxLxGxK)
@@ -295,3 +300,33 @@ class Attention(nnx.Module):
         o_BxLxHxK = causal_attention(q_BxLxHxK, k_BxLxGxK, v_BxLxGxK, segment_ids_BxL, self.impl)
         o_BxLxHxK = self.shard(o_BxLxHxK, axes)
         return jnp.einsum("blhk,hkd->bld", o_BxLxHxK, self.w_o[...].astype(self.dtype))
+
+    def decode(
+        self,
+        x_BxLxD: Array,
+        positions_BxL: Array,
+        k_BxSxGxK: Array,
+        v_BxSxGxK: Array,
+        index: Array,
+        mask_BxLxS: Array,
+    ) -> tuple[Array, Array, Array]:
+        """Attention of L new tokens against a KV cache of S slots: their keys and
+        values are written at slots ``index .. index + L - 1``, then each query
+        attends to the slots ``mask_BxLxS`` allows. Returns (output, keys, values)."""
+        q_BxLxHxK, k_BxLxGxK, v_BxLxGxK = self._qkv(x_BxLxD, positions_BxL)
+        axes = ("batch", "length", "heads", "kv")
+        write = lambda cache, new: self.shard(
+            jax.lax.dynamic_update_slice_in_dim(cache, new.astype(cache.dtype), index, axis=1),
+            axes,
+        )
+        k_BxSxGxK, v_BxSxGxK = write(k_BxSxGxK, k_BxLxGxK), write(v_BxSxGxK, v_BxLxGxK)
+        o_BxLxHxK = jax.nn.dot_product_attention(
+            self.shard(q_BxLxHxK, axes),
+            k_BxSxGxK.astype(q_BxLxHxK.dtype),
+            v_BxSxGxK.astype(q_BxLxHxK.dtype),
+            mask=mask_BxLxS[:, None],
+            implementation="xla",
+        )
+        o_BxLxHxK = self.shard(o_BxLxHxK, axes)
+        out_BxLxD = jnp.einsum("blhk,hkd->bld", o_BxLxHxK, self.w_o[...].astype(self.dtype))
+        return out_BxLxD, k_BxSxGxK, v_BxSxGxK

@@ -214,6 +214,37 @@ class Block(nnx.Module):
         f_BxLxD, stats = f if isinstance(self.ffn, MoE) else (f, {})
         return self.shard(h_BxLxD + f_BxLxD.astype(h_BxLxD.dtype), axes), stats
 
+    def decode(
+        self,
+        x_BxLxD: Array,
+        positions_BxL: Array,
+        k_BxSxGxK: Array,
+        v_BxSxGxK: Array,
+        index: Array,
+        mask_BxLxS: Array,
+    ) -> tuple[Array, Array, Array]:
+        """The layer on L new tokens with this layer's KV cache (``Attention.decode``)."""
+        axes = ("batch", "length", "act_embed")
+        a_BxLxD, k_BxSxGxK, v_BxSxGxK = self.attn.decode(
+            self.attn_norm(x_BxLxD), positions_BxL, k_BxSxGxK, v_BxSxGxK, index, mask_BxLxS
+        )
+        h_BxLxD = self.shard(x_BxLxD + a_BxLxD, axes)
+        f = self.ffn(self.ffn_norm(h_BxLxD))
+        f_BxLxD = f[0] if isinstance(self.ffn, MoE) else f
+        return self.shard(h_BxLxD + f_BxLxD.astype(h_BxLxD.dtype), axes), k_BxSxGxK, v_BxSxGxK
+
+
+CACHE_AXES = ("layers", "batch", "length", "heads", "kv")
+"""Logical axes of the KV cache's keys and values: layers x B x S x G x K."""
+
+
+def init_cache(cfg: ModelConfig, batch: int, length: int) -> dict[str, Array]:
+    """An empty KV cache for ``Transformer.decode``: keys "k" and "v", each
+    n_layers x batch x length x n_kv_heads x head_dim in the compute dtype."""
+    shape = (cfg.n_layers, batch, length, cfg.kv_heads, cfg.d_model // cfg.n_heads)
+    zeros = jnp.zeros(shape, DTYPES[cfg.dtype])
+    return {"k": zeros, "v": zeros}
+
 
 class Transformer(nnx.Module):
     """The decoder. ``shard`` constrains the main activations to their logical axes
@@ -285,6 +316,64 @@ class Transformer(nnx.Module):
         )
         logits_BxLxV = self.shard(logits_BxLxV, ("batch", "length", "vocab"))
         return logits_BxLxV, aux
+
+    def decode(
+        self, tokens_BxL: Array, cache: dict[str, Array], index: Array, start_B: Array
+    ) -> tuple[Array, dict[str, Array]]:
+        """Logits of L new tokens given the KV cache of the earlier ones (from
+        ``init_cache``), and the updated cache: the inference entry point.
+
+        The new tokens fill cache slots ``index .. index + L - 1``. Row b's text
+        begins at slot ``start_B[b]`` (slots before it are left padding, never
+        attended to); its positions count from there. A prefill is ``decode``
+        of the (left-padded) prompts at ``index`` 0, a step ``decode`` of one
+        token at the next slot. The MoE layers run their configured dispatch (set
+        ``moe.dispatch="dropless"`` so that no token is dropped)."""
+        cfg = self.cfg
+        dt = DTYPES[cfg.dtype]
+        _, seq_len = tokens_BxL.shape
+        slots_S = jnp.arange(cache["k"].shape[2])
+        cols_L = index + jnp.arange(seq_len)
+        start_Bx1x1 = start_B[:, None, None]
+        positions_BxL = jnp.maximum(cols_L[None, :] - start_B[:, None], 0)
+        # Causal over the slots, never into the left padding (a padding query, whose
+        # output is never used, sees itself so that its softmax stays finite).
+        mask_BxLxS = (slots_S[None, None, :] <= cols_L[None, :, None]) & (
+            (slots_S[None, None, :] >= start_Bx1x1) | (cols_L[None, :, None] < start_Bx1x1)
+        )
+        x_BxLxD = jnp.take(self.embed[...], tokens_BxL, axis=0).astype(dt)
+        x_BxLxD = self.shard(x_BxLxD, ("batch", "length", "act_embed"))
+
+        def layer(block: Block, x_BxLxD: Array, k_BxSxGxK: Array, v_BxSxGxK: Array):
+            y_BxLxD, k_BxSxGxK, v_BxSxGxK = block.decode(
+                x_BxLxD, positions_BxL, k_BxSxGxK, v_BxSxGxK, index, mask_BxLxS
+            )
+            return y_BxLxD, (k_BxSxGxK, v_BxSxGxK)
+
+        if cfg.scan_layers:
+            # A plain lax.scan over the stacked layer state (an nnx transform would
+            # refuse modules from an enclosing trace, as in a decoding while_loop).
+            graphdef, stacked = nnx.split(self.layers)
+
+            def body(x_BxLxD, xs):
+                state, k_BxSxGxK, v_BxSxGxK = xs
+                return layer(nnx.merge(graphdef, state), x_BxLxD, k_BxSxGxK, v_BxSxGxK)
+
+            x_BxLxD, (k, v) = jax.lax.scan(body, x_BxLxD, (stacked, cache["k"], cache["v"]))
+        else:
+            k, v = cache["k"], cache["v"]
+            for i, block in enumerate(self.layers):
+                x_BxLxD, (k_i, v_i) = layer(block, x_BxLxD, k[i], v[i])
+                k, v = k.at[i].set(k_i), v.at[i].set(v_i)
+        h_BxLxD = self.final_norm(x_BxLxD)
+        logits_BxLxV = jnp.einsum(
+            "bld,dv->blv",
+            h_BxLxD,
+            self.head[...].astype(dt),
+            preferred_element_type=jnp.float32,
+        )
+        logits_BxLxV = self.shard(logits_BxLxV, ("batch", "length", "vocab"))
+        return logits_BxLxV, {"k": self.shard(k, CACHE_AXES), "v": self.shard(v, CACHE_AXES)}
 
     def _aux(self, stats: dict[str, Array]) -> dict[str, Array]:
         """The MoE terms for the trainer (layer means of the losses); {} if dense."""
