@@ -21,6 +21,7 @@ from typing import Any
 import numpy as np
 
 from configs import dense, moe
+from experiments import downstream
 from experiments import stats as st
 from polyjax import metrics as mx
 from polyjax import nonfinite
@@ -177,8 +178,9 @@ def plan_and_train(
     extra: Mapping[str, Any],
     controls: Controls,
     root: pathlib.Path,
-) -> dict[str, Run]:
-    """Train the study's runs in three stages, and return them by ``Run.key``:
+) -> tuple[dict[str, Run], dict[str, float]]:
+    """Train the study's runs in three stages; return them by ``Run.key``, and
+    each arm's best lr (empty without a grid):
     1. every arm at the config's lr (the shared lr), every seed;
     2. every arm at each lr of the grid, on the first ``select_seeds`` seeds;
     3. every arm at its best lr (``best_lr`` on the selection half), the other seeds."""
@@ -192,7 +194,7 @@ def plan_and_train(
         [make_run(study, a, size, s, extra, controls, root) for a in study.arms for s in seeds], ""
     )
     if not controls.lrs:
-        return runs
+        return runs, {}
     chosen = seeds[: controls.select_seeds]
     stage(
         [
@@ -212,7 +214,7 @@ def plan_and_train(
         ],
         "best lr ",
     )
-    return runs
+    return runs, best
 
 
 def run(
@@ -230,7 +232,14 @@ def run(
     write the table and plots into ``out``; returns the table's rows."""
     out = pathlib.Path(out)
     root = pathlib.Path(runs_root) if runs_root else out.parent / "_runs"
-    runs = plan_and_train(study, size, seeds, extra, controls, root)
+    runs, best = plan_and_train(study, size, seeds, extra, controls, root)
+    if controls.tasks:  # the runs of the tables: each arm at the shared and at its best lr
+        base = {a.label: study.config(a, size, seeds[0], extra).optim.lr for a in study.arms}
+        scored = [r for r in runs.values() if r.lr in (base[r.arm.label], best.get(r.arm.label))]
+        for i, r in enumerate(scored):
+            if not (r.workdir / DIVERGED).exists():
+                print(f"[downstream {i + 1}/{len(scored)}] {r.key}", flush=True)
+                downstream.score(r.workdir, controls.tasks)
     out.mkdir(parents=True, exist_ok=True)
     index = {
         k: {
@@ -259,6 +268,7 @@ class Result:
     final: dict[str, float]
     tokens_per_step: int
     diverged: bool
+    workdir: pathlib.Path
 
 
 def load_result(workdir: pathlib.Path, tokens_per_step: int) -> Result:
@@ -279,6 +289,7 @@ def load_result(workdir: pathlib.Path, tokens_per_step: int) -> Result:
         final=inf if diverged or not evals else evals[-1][1],
         tokens_per_step=tokens_per_step,
         diverged=diverged,
+        workdir=workdir,
     )
 
 
@@ -295,6 +306,11 @@ def _grid(study: Study, arm: Arm, runs: Mapping[str, Run], seeds: Sequence[int])
             res = load_result(r.workdir, _tokens_per_step(r.cfg))
             by_lr.setdefault(r.lr, []).append(res.final["select"])
     return {lr: v for lr, v in sorted(by_lr.items()) if len(v) == len(seeds)}
+
+
+def _scores(workdir: pathlib.Path) -> dict:
+    path = workdir / downstream.SCORES
+    return json.loads(path.read_text()) if path.exists() else {}
 
 
 def _mean_std(values: Sequence[float]) -> tuple[float, float]:
@@ -365,10 +381,10 @@ def report(
     }
     for row in tables["shared"]:
         row["lr"] = shared[row["arm"]]
-    grid_rows = []
+    grid_rows, best = [], {}
     if controls.lrs:
         chosen = seeds[: controls.select_seeds]
-        best = {}
+
         for arm in study.arms:
             grid = {
                 lr: [runs[(arm.label, lr, s)].final["select"] for s in chosen]
@@ -390,6 +406,12 @@ def report(
             for row in tables["best"]:
                 row["lr"] = best[row["arm"]]
     tables["grid"] = grid_rows
+    if controls.tasks:
+        for name, lrs in (("shared", shared), ("best", best if "best" in tables else {})):
+            for row in tables.get(name, []):
+                per_seed = [_scores(runs[(row["arm"], lrs[row["arm"]], s)].workdir) for s in seeds]
+                for task in downstream.expand(controls.tasks):
+                    row[f"acc:{task}"] = downstream.summarize(per_seed, task)
     _write_tables(study, out, tables, seeds, controls)
     _plot(study, out, {k: v for k, v in runs.items() if k[1] == shared[k[0]]}, seeds)
     return tables
