@@ -38,9 +38,15 @@ def expand(tasks: Sequence[str]) -> list[str]:
     return out
 
 
-def score(workdir: str | pathlib.Path, tasks: Sequence[str], batch_size: int = 32) -> dict:
+def score(
+    workdir: str | pathlib.Path,
+    tasks: Sequence[str],
+    batch_size: int = 32,
+    limit: int | None = None,
+) -> dict:
     """{task: {"acc": .., "acc_norm": ..} or {"missing": reason}} for the newest
-    checkpoint of ``workdir``, each task scored once (cached in its SCORES file)."""
+    checkpoint of ``workdir``, each task scored once (cached in its SCORES file);
+    ``limit``: examples per task (smoke tests)."""
     workdir = pathlib.Path(workdir)
     path = workdir / SCORES
     found = json.loads(path.read_text()) if path.exists() else {}
@@ -62,6 +68,7 @@ def score(workdir: str | pathlib.Path, tasks: Sequence[str], batch_size: int = 3
                 batch_size=batch_size,
                 out_dir=str(workdir / "eval" / task),
                 lm=lm,
+                limit=limit,
             )
             values = results["results"][task]
             found[task] = {m: float(values[f"{m},none"]) for m in METRICS if f"{m},none" in values}

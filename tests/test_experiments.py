@@ -173,20 +173,25 @@ SMOKE = {  # the tiny size, a few steps
 def test_study_smoke_runs_tabulates_and_resumes(tmp_path):
     arms = (study.Arm("relu", "relu"), study.Arm("polynorm", "polynorm"))
     s = study.Study("smoke", "Smoke", "none", arms, reference="relu")
-    rows = study.run(s, tmp_path / "smoke", size="tiny", seeds=(0, 1), extra=SMOKE)
+    tables = study.run(s, tmp_path / "smoke", size="tiny", seeds=(0, 1), extra=SMOKE)
+    assert set(tables) == {"shared", "grid"} and not tables["grid"]  # no lr grid asked
+    rows = tables["shared"]
     assert [r["arm"] for r in rows] == ["relu", "polynorm"]
-    # the table against the runs' own summaries: mean and paired difference over seeds
+    # the table against the runs' own summaries (one evaluation batch: the report
+    # half is all of it): mean and paired difference over seeds
     index = json.loads((tmp_path / "smoke" / "runs.json").read_text())
     final = {
         key: json.loads((pathlib.Path(path) / "summary.json").read_text())["val_loss"]
         for key, path in index.items()
     }
-    val = [final[f"polynorm/seed{seed}"] for seed in (0, 1)]
-    delta = [final[f"polynorm/seed{seed}"] - final[f"relu/seed{seed}"] for seed in (0, 1)]
+    val = [final[f"polynorm/lr0.001/seed{seed}"] for seed in (0, 1)]
+    delta = [
+        final[f"polynorm/lr0.001/seed{seed}"] - final[f"relu/lr0.001/seed{seed}"] for seed in (0, 1)
+    ]
     assert rows[1]["val_loss"] == pytest.approx(np.mean(val), rel=1e-6)
     assert rows[1]["val_loss_std"] == pytest.approx(np.std(val, ddof=1), rel=1e-6)
-    assert rows[1]["delta_val_loss"] == pytest.approx(np.mean(delta), rel=1e-6)
-    assert rows[1]["delta_val_loss_std"] == pytest.approx(np.std(delta, ddof=1), rel=1e-6)
+    assert rows[1]["delta"] == pytest.approx(np.mean(delta), rel=1e-6)
+    assert rows[1]["delta_std"] == pytest.approx(np.std(delta, ddof=1), rel=1e-6)
     for name in ("table.md", "table.csv", "curves.png", "runs.json"):
         assert (tmp_path / "smoke" / name).stat().st_size > 0
     # seeds differ (the spread is real), and a second call reruns nothing
