@@ -152,13 +152,21 @@ def make_run(
     return Run(arm, seed, lr, cfg, run_dir(root, cfg))
 
 
-def train_runs(runs: Sequence[Run], tag: str = "") -> None:
-    """Train each run not finished before (a run that stopped on a NaN/Inf is
-    finished: its ``diverged.json`` says where)."""
+def finished(r: Run) -> bool:
+    """Whether ``r`` ran to the end (a run that stopped on a NaN/Inf is finished:
+    its ``diverged.json`` says where)."""
+    return (r.workdir / "summary.json").exists() or (r.workdir / DIVERGED).exists()
+
+
+def train_runs(runs: Sequence[Run], tag: str = "", run_missing: bool = True) -> None:
+    """Train each run not finished before (``run_missing=False``: none)."""
     for i, r in enumerate(runs):
         label = f"[{tag}{i + 1}/{len(runs)}] {r.arm.label} lr {r.lr:g} seed {r.seed}"
-        if (r.workdir / "summary.json").exists() or (r.workdir / DIVERGED).exists():
+        if finished(r):
             print(f"{label}: done before ({r.workdir})", flush=True)
+            continue
+        if not run_missing:
+            print(f"{label}: not finished, left out", flush=True)
             continue
         r.workdir.mkdir(parents=True, exist_ok=True)
         with open(r.workdir / "train.log", "a") as log:
@@ -178,17 +186,19 @@ def plan_and_train(
     extra: Mapping[str, Any],
     controls: Controls,
     root: pathlib.Path,
+    run_missing: bool = True,
 ) -> tuple[dict[str, Run], dict[str, float]]:
     """Train the study's runs in three stages; return them by ``Run.key``, and
     each arm's best lr (empty without a grid):
     1. every arm at the config's lr (the shared lr), every seed;
     2. every arm at each lr of the grid, on the first ``select_seeds`` seeds;
-    3. every arm at its best lr (``best_lr`` on the selection half), the other seeds."""
+    3. every arm at its best lr (``best_lr`` on the selection half), the other seeds.
+    ``run_missing=False``: train nothing, return the finished runs only."""
     runs: dict[str, Run] = {}
 
     def stage(planned: list[Run], tag: str) -> None:
-        train_runs(planned, tag)
-        runs.update({r.key: r for r in planned})
+        train_runs(planned, tag, run_missing)
+        runs.update({r.key: r for r in planned if run_missing or finished(r)})
 
     stage(
         [make_run(study, a, size, s, extra, controls, root) for a in study.arms for s in seeds], ""
@@ -226,13 +236,16 @@ def run(
     extra: Mapping[str, Any] = MappingProxyType({}),
     runs_root: str | pathlib.Path | None = None,
     controls: Controls = Controls(),
-) -> list[dict]:
+    run_missing: bool = True,
+) -> dict[str, list[dict]]:
     """Train every arm for every seed (skipping finished runs) under ``runs_root``
     (default: the ``_runs`` folder beside ``out``), with the ``controls``, then
-    write the table and plots into ``out``; returns the table's rows."""
+    write the tables and plots into ``out``; returns the tables (``report``).
+    ``run_missing=False``: tabulate the finished runs only (a study cut short; the
+    shared-lr runs of every arm and seed must be among them)."""
     out = pathlib.Path(out)
     root = pathlib.Path(runs_root) if runs_root else out.parent / "_runs"
-    runs, best = plan_and_train(study, size, seeds, extra, controls, root)
+    runs, best = plan_and_train(study, size, seeds, extra, controls, root, run_missing)
     if controls.tasks:  # the runs of the tables: each arm at the shared and at its best lr
         base = {a.label: study.config(a, size, seeds[0], extra).optim.lr for a in study.arms}
         scored = [r for r in runs.values() if r.lr in (base[r.arm.label], best.get(r.arm.label))]

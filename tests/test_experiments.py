@@ -205,6 +205,13 @@ def test_study_smoke_runs_tabulates_and_resumes(tmp_path):
     study.run(again, tmp_path / "again", size="tiny", seeds=(0, 1), extra=SMOKE)
     assert sorted((tmp_path / "_runs").glob("*/seed*/metrics.jsonl")) == runs
     assert [p.stat().st_mtime for p in runs] == mtimes
+    # a study cut short: run_missing=False tabulates the finished runs, trains none
+    grid = study.Controls(lrs=(3e-3,))
+    cut = study.run(s, tmp_path / "cut", size="tiny", seeds=(0, 1), extra=SMOKE, controls=grid,
+                    run_missing=False)  # fmt: skip
+    assert sorted((tmp_path / "_runs").glob("*/seed*/metrics.jsonl")) == runs
+    assert [sorted(k for k in row if k[0].isdigit()) for row in cut["grid"]] == [["0.001"]] * 2
+    assert [r["val_loss"] for r in cut["shared"]] == [r["val_loss"] for r in rows]
 
 
 def test_analysis_loads_a_trained_checkpoint(tmp_path):
