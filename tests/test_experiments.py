@@ -181,8 +181,8 @@ def test_study_smoke_runs_tabulates_and_resumes(tmp_path):
     # half is all of it): mean and paired difference over seeds
     index = json.loads((tmp_path / "smoke" / "runs.json").read_text())
     final = {
-        key: json.loads((pathlib.Path(path) / "summary.json").read_text())["val_loss"]
-        for key, path in index.items()
+        key: json.loads((pathlib.Path(e["workdir"]) / "summary.json").read_text())["val_loss"]
+        for key, e in index.items()
     }
     val = [final[f"polynorm/lr0.001/seed{seed}"] for seed in (0, 1)]
     delta = [
@@ -219,7 +219,7 @@ def test_analysis_loads_a_trained_checkpoint(tmp_path):
     study.run(s, tmp_path / "one", size="tiny", seeds=(0,), extra=SMOKE)
     workdir = next((tmp_path / "_runs").glob("*/seed0"))
     spec = Spec.from_config(s.config(s.arms[0], "tiny", 0, SMOKE))
-    model, batches = analysis.load_trained(spec, workdir)
+    model, batches = analysis.load_trained(spec, workdir, n=spec.train.eval_batches)
     summary = json.loads((workdir / "summary.json").read_text())
     # the restored model reproduces the run's final validation loss
     ce, n = 0.0, 0.0
