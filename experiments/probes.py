@@ -236,6 +236,8 @@ def main(
     if width:
         md[4] = "| arm | seed | " + " | ".join(f"layer {i}" for i in range(width)) + " |"
         md.insert(5, "|---" * (width + 2) + "|")
+    else:
+        md[4] = "(No finished run of the MoE study at this size and these seeds.)"
     (out / "loads.md").write_text("\n".join(md) + "\n")
     for name in ("init.md", "scaled.md", "loads.md"):
         print((out / name).read_text())
