@@ -87,6 +87,12 @@ EXPERIMENT = flags.DEFINE_string(
 )
 SIZE = flags.DEFINE_string("size", "cpu", "with --experiment: the config size of its runs")
 SEEDS = flags.DEFINE_list("seeds", ["0", "1", "2"], "with --experiment: the seeds")
+LRS = flags.DEFINE_list(
+    "lrs",
+    [],
+    "with --experiment: a learning-rate grid; each arm also runs at these on the first "
+    "seed and at its best (on the selection half of the held-out windows) on the others",
+)
 # Around a trained model (polyjax.sample, polyjax.lm_eval_model): --workdir names the run.
 SAMPLE = flags.DEFINE_bool("sample", False, "print text from --workdir's model")
 PROMPT = flags.DEFINE_string("prompt", "", "with --sample: the text to continue")
@@ -97,7 +103,9 @@ TOP_P = flags.DEFINE_float("top_p", 0.95, "with --sample; 1: off")
 NUM_SAMPLES = flags.DEFINE_integer("num_samples", 1, "with --sample")
 SEED = flags.DEFINE_integer("seed", 0, "with --sample or --eval")
 EVAL = flags.DEFINE_bool("eval", False, "lm-eval tasks on --workdir's model (needs .[eval])")
-TASKS = flags.DEFINE_string("tasks", "", "with --eval: a,b,... or paper")
+TASKS = flags.DEFINE_string(
+    "tasks", "", "with --eval, or --experiment (scores each final checkpoint): a,b,... or paper"
+)
 LIMIT = flags.DEFINE_float("limit", None, "with --eval: examples per task (testing)")
 NUM_FEWSHOT = flags.DEFINE_integer("num_fewshot", None, "with --eval")
 BATCH_SIZE = flags.DEFINE_integer("batch_size", 32, "with --eval")
@@ -316,9 +324,22 @@ def experiment_mode() -> int:
     each), table and plots under the workdir."""
     with bad_input():
         seeds = [int(s) for s in SEEDS.value]
+        try:
+            lrs = tuple(float(v) for v in LRS.value)
+        except ValueError:
+            raise ValueError(
+                f"--lrs={','.join(LRS.value)}: expected numbers, e.g. 3e-3,1e-2"
+            ) from None
         overrides = config_flags.get_override_values(FLAGS["config"])
+        tasks = tuple(t.strip() for t in TASKS.value.split(",") if t.strip())
+        controls = experiments.study.Controls(lrs=lrs, tasks=tasks)
         experiments.run(
-            EXPERIMENT.value, out=WORKDIR.value, size=SIZE.value, seeds=seeds, extra=overrides
+            EXPERIMENT.value,
+            out=WORKDIR.value,
+            size=SIZE.value,
+            seeds=seeds,
+            extra=overrides,
+            controls=controls,
         )
     return 0
 

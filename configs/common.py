@@ -1,5 +1,6 @@
 """What the config files share: the defaults every config starts from
-(``base_config``), the CPU sizes, and the ``act=...,size=...`` argument.
+(``base_config``), the CPU sizes and the single-GPU size, and the
+``act=...,size=...`` argument.
 
 A size names a model preset (``polyjax.model.preset``) and its changes to each
 section of the config. The dense and MoE files add the paper's "1b".
@@ -16,6 +17,7 @@ from typing import Any
 import ml_collections
 from ml_collections import config_dict
 
+from polyjax.activations import ffn_width, get_spec
 from polyjax.config import TrainConfig
 from polyjax.data import DataConfig
 from polyjax.model import ModelConfig, preset
@@ -51,6 +53,23 @@ SIZES = {
         ),
         optim=dict(lr=1e-3, final_lr=1e-4, warmup_steps=100),
         train=dict(steps=3000, log_every=50, eval_every=500, eval_batches=8, checkpoint_every=500),
+        mesh=dict(data=-1),
+    ),
+    "gpu": dict(  # one H100: a few minutes per dense arm (experiments/README.md, "GPU scale")
+        preset="small",
+        # the FFN width of an ungated activation (gated ones get 2/3); MoE: per expert
+        # (top-2 of 8 experts: about the dense FFN's active parameters)
+        ffn_base=dict(dense=2048, moe=960),
+        model=dict(
+            d_model=512, n_layers=8, n_heads=8, vocab_size=16384, max_seq_len=512, dtype="bfloat16"
+        ),
+        # the machine's Python sources and docs, pre-tokenised by
+        # `python -m experiments.corpus --out runs/corpus` (about 200 MB of text)
+        data=dict(source="tokens:runs/corpus/tokens", seq_len=512, global_batch=64),
+        optim=dict(lr=1e-3, final_lr=1e-4, warmup_steps=100),
+        train=dict(
+            steps=2000, log_every=50, eval_every=200, eval_batches=16, checkpoint_every=2000
+        ),
         mesh=dict(data=-1),
     ),
 }
@@ -108,7 +127,13 @@ def family_config(family: str, arg: str, sizes: Mapping[str, dict]) -> ml_collec
     if a["size"] not in sizes:
         raise ValueError(f"size={a['size']!r}: valid sizes are {', '.join(sizes)}")
     size = sizes[a["size"]]
-    cfg = base_config(f"{family}-{a['act']}-{a['size']}", preset(family, size["preset"], a["act"]))
+    model = preset(family, size["preset"], a["act"])
+    if "ffn_base" in size:  # the size's own FFN width, by the equal-parameter rule
+        width = ffn_width(size["ffn_base"][family], get_spec(a["act"]).gated, multiple_of=32)
+        model["d_ff" if family == "dense" else "moe"] = (
+            width if family == "dense" else {**model["moe"], "d_expert": width}
+        )
+    cfg = base_config(f"{family}-{a['act']}-{a['size']}", model)
     for section in SECTIONS:
         cfg[section].update(size[section])
     return cfg

@@ -3,8 +3,8 @@
     --config configs/dense.py:act=polynorm,size=1b
 
 act: any activation of polyjax.activations.REGISTRY (default polynorm).
-size: tiny (seconds on a CPU), cpu (the studies' size), small (minutes on a CPU)
-or 1b (the paper's: docs/paper_models.md).
+size: tiny (seconds on a CPU), cpu (the studies' size), small (minutes on a CPU),
+gpu (the studies on one H100: experiments/README.md) or 1b (the paper's: docs/paper_models.md).
 """
 
 from configs import common

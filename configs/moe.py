@@ -3,7 +3,7 @@
     --config configs/moe.py:act=swiglu,size=tiny
 
 act: any activation of polyjax.activations.REGISTRY (default polynorm).
-size: tiny, cpu, small, or 1b (OLMoE-1B-7B: docs/paper_models.md).
+size: tiny, cpu, small, gpu, or 1b (OLMoE-1B-7B: docs/paper_models.md).
 """
 
 from configs import common

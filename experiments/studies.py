@@ -50,7 +50,16 @@ STUDIES = {
             "moe",
             "MoE experts: SwiGLU vs PolyNorm",
             "Figure 3, Table 2",
-            tuple(_act(a, "moe") for a in ("swiglu", "polynorm")),
+            (
+                _act("swiglu", "moe"),
+                _act("polynorm", "moe"),
+                # the gates renormalised to sum to 1 (Mixtral-style): is the SwiGLU
+                # deficit the unnormalised top-2 gates' shrinking of expert outputs?
+                Arm("swiglu-renorm", "swiglu", "moe", (("model.moe.renormalize", True),)),
+                # the dense FFNs of the same width: what the MoE adds or costs each one
+                Arm("dense-swiglu", "swiglu"),
+                Arm("dense-polynorm", "polynorm"),
+            ),
             reference="swiglu",
         ),
     ]

@@ -21,8 +21,12 @@ from typing import Any
 import numpy as np
 
 from configs import dense, moe
+from experiments import downstream
+from experiments import stats as st
 from polyjax import metrics as mx
+from polyjax import nonfinite
 from polyjax.config import Spec
+from polyjax.data import DataConfig, make_pipeline
 from polyjax.train import train
 
 FAMILIES = {"dense": dense.get_config, "moe": moe.get_config}
@@ -71,6 +75,158 @@ def run_dir(runs_root: pathlib.Path, cfg) -> pathlib.Path:
     return runs_root / f"{plain['model']['activation']['name']}-{digest}" / f"seed{seed}"
 
 
+@dataclasses.dataclass(frozen=True)
+class Controls:
+    """What a study controls for, beside its arms.
+
+    ``lrs``: a learning-rate grid. Every arm also runs at each of these (the final
+    lr keeps the config's ratio to the peak) on the first ``select_seeds`` seeds;
+    its best lr (lowest loss on the selection half of the held-out windows) then
+    runs on the remaining seeds. Empty: the config's lr only (the shared lr).
+    ``full_eval``: evaluate on every held-out window (``train.eval_batches`` = all
+    of them), split into a selection half (the first half of the batches) and a
+    report half (the rest); the tables report the report half.
+    ``tasks``: downstream lm-eval tasks scored on each final checkpoint.
+    """
+
+    lrs: tuple[float, ...] = ()
+    select_seeds: int = 1
+    full_eval: bool = True
+    tasks: tuple[str, ...] = ()
+
+
+@dataclasses.dataclass(frozen=True)
+class Run:
+    arm: Arm
+    seed: int
+    lr: float
+    cfg: Any  # ml_collections.ConfigDict
+    workdir: pathlib.Path
+
+    @property
+    def key(self) -> str:
+        return f"{self.arm.label}/lr{self.lr:g}/seed{self.seed}"
+
+
+DIVERGED = "diverged.json"  # in a run's workdir: it stopped on a NaN/Inf (a finished run)
+
+
+def held_out_batches(cfg) -> int:
+    """How many evaluation batches the held-out windows of ``cfg``'s data fill."""
+    data = DataConfig.from_dict(cfg.data.to_dict())
+    key = json.dumps(dataclasses.asdict(data) | {"seed": 0}, sort_keys=True)
+    if key not in _HELD_OUT:
+        windows = make_pipeline(data).val.count
+        _HELD_OUT[key] = -(-windows // data.global_batch)
+    return _HELD_OUT[key]
+
+
+_HELD_OUT: dict[str, int] = {}
+
+
+def lr_overrides(cfg, lr: float) -> dict[str, float]:
+    """The fields that move a run to peak lr ``lr``: the final lr keeps its ratio."""
+    if lr == cfg.optim.lr:
+        return {}
+    ratio = cfg.optim.final_lr / cfg.optim.lr
+    return {"optim.lr": lr, "optim.final_lr": float(f"{lr * ratio:.6g}")}
+
+
+def make_run(
+    study: Study,
+    arm: Arm,
+    size: str,
+    seed: int,
+    extra: Mapping[str, Any],
+    controls: Controls,
+    root: pathlib.Path,
+    lr: float | None = None,
+) -> Run:
+    """One planned run: the arm's config at ``lr`` (None: the config's own)."""
+    cfg = study.config(arm, size, seed, extra)
+    lr = cfg.optim.lr if lr is None else lr
+    changes = lr_overrides(cfg, lr)
+    if controls.full_eval and "train.eval_batches" not in extra:
+        changes["train.eval_batches"] = held_out_batches(cfg)
+    cfg.update_from_flattened_dict(changes)
+    return Run(arm, seed, lr, cfg, run_dir(root, cfg))
+
+
+def finished(r: Run) -> bool:
+    """Whether ``r`` ran to the end (a run that stopped on a NaN/Inf is finished:
+    its ``diverged.json`` says where)."""
+    return (r.workdir / "summary.json").exists() or (r.workdir / DIVERGED).exists()
+
+
+def train_runs(runs: Sequence[Run], tag: str = "", run_missing: bool = True) -> None:
+    """Train each run not finished before (``run_missing=False``: none)."""
+    for i, r in enumerate(runs):
+        label = f"[{tag}{i + 1}/{len(runs)}] {r.arm.label} lr {r.lr:g} seed {r.seed}"
+        if finished(r):
+            print(f"{label}: done before ({r.workdir})", flush=True)
+            continue
+        if not run_missing:
+            print(f"{label}: not finished, left out", flush=True)
+            continue
+        r.workdir.mkdir(parents=True, exist_ok=True)
+        with open(r.workdir / "train.log", "a") as log:
+            try:
+                result = train(Spec.from_config(r.cfg), r.workdir, out=log)
+            except nonfinite.NonFiniteError as e:
+                (r.workdir / DIVERGED).write_text(json.dumps({"step": e.step}))
+                print(f"{label}: diverged at step {e.step}", flush=True)
+                continue
+        print(f"{label}: val loss {result.get('val_loss', float('nan')):.4f}", flush=True)
+
+
+def plan_and_train(
+    study: Study,
+    size: str,
+    seeds: Sequence[int],
+    extra: Mapping[str, Any],
+    controls: Controls,
+    root: pathlib.Path,
+    run_missing: bool = True,
+) -> tuple[dict[str, Run], dict[str, float]]:
+    """Train the study's runs in three stages; return them by ``Run.key``, and
+    each arm's best lr (empty without a grid):
+    1. every arm at the config's lr (the shared lr), every seed;
+    2. every arm at each lr of the grid, on the first ``select_seeds`` seeds;
+    3. every arm at its best lr (``best_lr`` on the selection half), the other seeds.
+    ``run_missing=False``: train nothing, return the finished runs only."""
+    runs: dict[str, Run] = {}
+
+    def stage(planned: list[Run], tag: str) -> None:
+        train_runs(planned, tag, run_missing)
+        runs.update({r.key: r for r in planned if run_missing or finished(r)})
+
+    stage(
+        [make_run(study, a, size, s, extra, controls, root) for a in study.arms for s in seeds], ""
+    )
+    if not controls.lrs:
+        return runs, {}
+    chosen = seeds[: controls.select_seeds]
+    stage(
+        [
+            make_run(study, a, size, s, extra, controls, root, lr)
+            for a in study.arms
+            for lr in controls.lrs
+            for s in chosen
+        ],
+        "lr grid ",
+    )
+    best = {a.label: st.best_lr(_grid(study, a, runs, chosen)) for a in study.arms}
+    stage(
+        [
+            make_run(study, a, size, s, extra, controls, root, best[a.label])
+            for a in study.arms
+            for s in seeds[controls.select_seeds :]
+        ],
+        "best lr ",
+    )
+    return runs, best
+
+
 def run(
     study: Study,
     out: str | pathlib.Path,
@@ -79,39 +235,95 @@ def run(
     seeds: Sequence[int] = (0, 1, 2),
     extra: Mapping[str, Any] = MappingProxyType({}),
     runs_root: str | pathlib.Path | None = None,
-) -> list[dict]:
+    controls: Controls = Controls(),
+    run_missing: bool = True,
+) -> dict[str, list[dict]]:
     """Train every arm for every seed (skipping finished runs) under ``runs_root``
-    (default: the ``_runs`` folder beside ``out``), then write the table and plots
-    into ``out``; returns the table's rows."""
+    (default: the ``_runs`` folder beside ``out``), with the ``controls``, then
+    write the tables and plots into ``out``; returns the tables (``report``).
+    ``run_missing=False``: tabulate the finished runs only (a study cut short; the
+    shared-lr runs of every arm and seed must be among them)."""
     out = pathlib.Path(out)
     root = pathlib.Path(runs_root) if runs_root else out.parent / "_runs"
-    planned = []
-    for arm in study.arms:
-        for seed in seeds:
-            cfg = study.config(arm, size, seed, extra)
-            planned.append((arm, seed, Spec.from_config(cfg), run_dir(root, cfg)))
-    for i, (arm, seed, spec, workdir) in enumerate(planned):
-        tag = f"[{i + 1}/{len(planned)}] {arm.label} seed {seed}"
-        if (workdir / "summary.json").exists():
-            print(f"{tag}: done before ({workdir})", flush=True)
-            continue
-        workdir.mkdir(parents=True, exist_ok=True)
-        with open(workdir / "train.log", "a") as log:
-            result = train(spec, workdir, out=log)
-        print(f"{tag}: val loss {result.get('val_loss', float('nan')):.4f}", flush=True)
+    runs, best = plan_and_train(study, size, seeds, extra, controls, root, run_missing)
+    if controls.tasks:  # the runs of the tables: each arm at the shared and at its best lr
+        base = {a.label: study.config(a, size, seeds[0], extra).optim.lr for a in study.arms}
+        scored = [r for r in runs.values() if r.lr in (base[r.arm.label], best.get(r.arm.label))]
+        for i, r in enumerate(scored):
+            if not (r.workdir / DIVERGED).exists():
+                print(f"[downstream {i + 1}/{len(scored)}] {r.key}", flush=True)
+                downstream.score(r.workdir, controls.tasks)
     out.mkdir(parents=True, exist_ok=True)
-    index = {f"{arm.label}/seed{seed}": str(workdir) for arm, seed, _, workdir in planned}
+    index = {
+        k: {
+            "workdir": str(r.workdir),
+            "arm": r.arm.label,
+            "lr": r.lr,
+            "seed": r.seed,
+            "shared": r.lr == study.config(r.arm, size, r.seed, extra).optim.lr,
+            "tokens_per_step": _tokens_per_step(r.cfg),
+        }
+        for k, r in runs.items()
+    }
     (out / "runs.json").write_text(json.dumps(index, indent=2))
-    return report(study, out, seeds)
+    return report(study, out, seeds, controls)
 
 
-def _curves(workdir: pathlib.Path) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+@dataclasses.dataclass(frozen=True)
+class Result:
+    """What a run logged: the training loss and the report-half validation loss at
+    their steps, the final selection/report/all losses (inf: diverged)."""
+
+    train_steps: np.ndarray
+    train_loss: np.ndarray
+    val_steps: np.ndarray
+    val_report: np.ndarray
+    final: dict[str, float]
+    tokens_per_step: int
+    diverged: bool
+    workdir: pathlib.Path
+
+
+def load_result(workdir: pathlib.Path, tokens_per_step: int) -> Result:
     records = mx.read_jsonl(workdir / mx.JSONL)
-    curves = {}
-    for key in ("loss", "val_loss"):
-        pts = [(r["step"], r[key]) for r in records if key in r]
-        curves[key] = (np.array([p[0] for p in pts]), np.array([p[1] for p in pts], float))
-    return curves
+    train = [(r["step"], r["loss"]) for r in records if "loss" in r]
+    evals = [
+        (r["step"], st.halves(r["val_batch_ce"], r["val_batch_tokens"]))
+        for r in records
+        if "val_batch_ce" in r
+    ]
+    diverged = (workdir / DIVERGED).exists()
+    inf = {"select": math.inf, "report": math.inf, "all": math.inf}
+    return Result(
+        train_steps=np.array([s for s, _ in train]),
+        train_loss=np.array([v for _, v in train], float),
+        val_steps=np.array([s for s, _ in evals]),
+        val_report=np.array([h["report"] for _, h in evals], float),
+        final=inf if diverged or not evals else evals[-1][1],
+        tokens_per_step=tokens_per_step,
+        diverged=diverged,
+        workdir=workdir,
+    )
+
+
+def _tokens_per_step(cfg) -> int:
+    return cfg.data.global_batch * cfg.data.seq_len
+
+
+def _grid(study: Study, arm: Arm, runs: Mapping[str, Run], seeds: Sequence[int]):
+    """{lr: [selection-half final loss of each seed]} over the runs of ``arm`` at
+    every lr that ran on all of ``seeds``."""
+    by_lr: dict[float, list[float]] = {}
+    for r in runs.values():
+        if r.arm == arm and r.seed in seeds:
+            res = load_result(r.workdir, _tokens_per_step(r.cfg))
+            by_lr.setdefault(r.lr, []).append(res.final["select"])
+    return {lr: v for lr, v in sorted(by_lr.items()) if len(v) == len(seeds)}
+
+
+def _scores(workdir: pathlib.Path) -> dict:
+    path = workdir / downstream.SCORES
+    return json.loads(path.read_text()) if path.exists() else {}
 
 
 def _mean_std(values: Sequence[float]) -> tuple[float, float]:
@@ -119,99 +331,241 @@ def _mean_std(values: Sequence[float]) -> tuple[float, float]:
     return float(arr.mean()), float(arr.std(ddof=1)) if len(arr) > 1 else 0.0
 
 
-def report(study: Study, out: str | pathlib.Path, seeds: Sequence[int]) -> list[dict]:
-    """Table (mean ± std over seeds, and the paired difference to the reference arm)
-    and the three curves of the paper's figures (training loss, validation loss,
-    validation perplexity), from the runs' metrics.jsonl files."""
-    out = pathlib.Path(out)
-    index = json.loads((out / "runs.json").read_text())
-    runs = {
-        (arm.label, s): _curves(pathlib.Path(index[f"{arm.label}/seed{s}"]))
-        for arm in study.arms
-        for s in seeds
-    }
-    final = {key: {k: c[k][1][-1] for k in c} for key, c in runs.items()}
+def _compare(
+    study: Study, results: Mapping[tuple[str, int], Result], seeds: Sequence[int]
+) -> list[dict]:
+    """One row per arm over ``results[(label, seed)]``: the report-half loss, its
+    paired difference to the reference (t and p over seeds), and the tokens each
+    seed needs to reach the reference's final loss under that seed."""
     rows = []
     for arm in study.arms:
-        per_seed = [final[(arm.label, s)] for s in seeds]
-        delta = [
-            final[(arm.label, s)]["val_loss"] - final[(study.reference, s)]["val_loss"]
-            for s in seeds
+        res = [results[(arm.label, s)] for s in seeds]
+        ref = [results[(study.reference, s)] for s in seeds]
+        val = [r.final["report"] for r in res]
+        delta = [a - b for a, b in zip(val, (r.final["report"] for r in ref), strict=True)]
+        t, p = st.paired_t(delta)
+        reach = [
+            st.tokens_to_target(r.val_steps * r.tokens_per_step, r.val_report, f.final["report"])
+            for r, f in zip(res, ref, strict=True)
         ]
-        tl, tl_sd = _mean_std([r["loss"] for r in per_seed])
-        vl, vl_sd = _mean_std([r["val_loss"] for r in per_seed])
-        ppl, ppl_sd = _mean_std([math.exp(r["val_loss"]) for r in per_seed])
+        reached = [x for x in reach if x is not None]
+        m, sd = _mean_std(val)
         d, d_sd = _mean_std(delta)
         rows.append(
             {
                 "arm": arm.label,
                 "seeds": len(seeds),
-                "train_loss": tl,
-                "train_loss_std": tl_sd,
-                "val_loss": vl,
-                "val_loss_std": vl_sd,
-                "val_ppl": ppl,
-                "val_ppl_std": ppl_sd,
-                "delta_val_loss": d,
-                "delta_val_loss_std": d_sd,
+                "train_loss": float(np.mean([r.train_loss[-1] for r in res])),
+                "val_loss": m,
+                "val_loss_std": sd,
+                "val_ppl": float(np.mean(np.exp(val))),
+                "delta": d,
+                "delta_std": d_sd,
+                "t": t,
+                "p": p,
+                "verdict": "reference" if arm.label == study.reference else st.verdict(d, p),
+                "tokens_to_target": float(np.mean(reached)) if len(reached) == len(seeds) else None,
+                "reached": len(reached),
+                "diverged": sum(r.diverged for r in res),
             }
         )
-    _write_table(study, out, rows)
-    _plot(study, out, runs, seeds)
     return rows
 
 
-def _write_table(study: Study, out: pathlib.Path, rows: list[dict]) -> None:
+def report(
+    study: Study, out: str | pathlib.Path, seeds: Sequence[int], controls: Controls = Controls()
+) -> dict[str, list[dict]]:
+    """The study's tables and curves from its runs' metrics.jsonl files: at the
+    shared lr and (with an lr grid) at each arm's best lr; each row the report-half
+    loss, the paired difference to the reference with t and p, tokens-to-target."""
+    out = pathlib.Path(out)
+    index = json.loads((out / "runs.json").read_text())
+    runs = {
+        (e["arm"], e["lr"], e["seed"]): load_result(
+            pathlib.Path(e["workdir"]), e["tokens_per_step"]
+        )
+        for e in index.values()
+    }
+    shared = {e["arm"]: e["lr"] for e in index.values() if e["shared"]}
+    tables = {
+        "shared": _compare(
+            study, {(lab, s): runs[(lab, shared[lab], s)] for lab in shared for s in seeds}, seeds
+        )
+    }
+    for row in tables["shared"]:
+        row["lr"] = shared[row["arm"]]
+    grid_rows, best = [], {}
+    if controls.lrs:
+        chosen = seeds[: controls.select_seeds]
+
+        for arm in study.arms:
+            grid = {
+                lr: [runs[(arm.label, lr, s)].final["select"] for s in chosen]
+                for lr in sorted({k[1] for k in runs if k[0] == arm.label})
+                if all((arm.label, lr, s) in runs for s in chosen)
+            }
+            best[arm.label] = st.best_lr(grid)
+            grid_rows.append(
+                {
+                    "arm": arm.label,
+                    "best_lr": best[arm.label],
+                    "edge": st.at_edge(best[arm.label], list(grid)),
+                }
+                | {f"{lr:g}": float(np.mean(v)) for lr, v in grid.items()}
+            )
+        if all((a.label, best[a.label], s) in runs for a in study.arms for s in seeds):
+            tuned = {(lab, s): runs[(lab, best[lab], s)] for lab in best for s in seeds}
+            tables["best"] = _compare(study, tuned, seeds)
+            for row in tables["best"]:
+                row["lr"] = best[row["arm"]]
+    tables["grid"] = grid_rows
+    if controls.tasks:
+        for name, lrs in (("shared", shared), ("best", best if "best" in tables else {})):
+            for row in tables.get(name, []):
+                per_seed = [_scores(runs[(row["arm"], lrs[row["arm"]], s)].workdir) for s in seeds]
+                for task in downstream.expand(controls.tasks):
+                    row[f"acc:{task}"] = downstream.summarize(per_seed, task)
+    _write_tables(study, out, tables, seeds, controls)
+    _plot(study, out, {k: v for k, v in runs.items() if k[1] == shared[k[0]]}, seeds)
+    return tables
+
+
+def _fmt_tokens(row: dict, total: float) -> str:
+    if row["tokens_to_target"] is None:
+        return f"not reached ({row['reached']}/{row['seeds']})"
+    return f"{row['tokens_to_target'] / 1e6:.3g} M ({row['tokens_to_target'] / total:.2f})"
+
+
+def _fmt_p(p: float) -> str:
+    return "-" if not math.isfinite(p) else (f"{p:.3f}" if p >= 1e-3 else f"{p:.1e}")
+
+
+def _comparison_md(study: Study, rows: list[dict], total_tokens: float) -> list[str]:
+    extra = [k for k in rows[0] if k.startswith("acc:")]
+    head = "| arm | lr | val loss | val PPL | Δ vs ref | t | p | verdict | tokens to ref's loss |"
+    md = [head + "".join(f" {k[4:]} |" for k in extra), "|---" * (9 + len(extra)) + "|"]
+    for r in rows:
+        loss = "diverged" if r["diverged"] else f"{r['val_loss']:.4f} ± {r['val_loss_std']:.4f}"
+        cells = [
+            r["arm"],
+            f"{r['lr']:g}",
+            loss,
+            f"{r['val_ppl']:.2f}",
+            f"{r['delta']:+.4f} ± {r['delta_std']:.4f}",
+            "-" if not math.isfinite(r["t"]) else f"{r['t']:+.2f}",
+            _fmt_p(r["p"]),
+            r["verdict"],
+            _fmt_tokens(r, total_tokens),
+            *(r[k] for k in extra),
+        ]
+        md.append("| " + " | ".join(cells) + " |")
+    return md
+
+
+def _write_tables(
+    study: Study, out: pathlib.Path, tables: dict, seeds: Sequence[int], controls: Controls
+) -> None:
+    flat = [{"table": name, **row} for name in ("shared", "best") for row in tables.get(name, [])]
     buf = io.StringIO()
-    writer = csv.DictWriter(buf, fieldnames=list(rows[0]))
+    fields = list(dict.fromkeys(k for row in flat for k in row))
+    writer = csv.DictWriter(buf, fieldnames=fields)
     writer.writeheader()
-    writer.writerows(rows)
+    writer.writerows(flat)
     (out / "table.csv").write_text(buf.getvalue())
+    (out / "table.json").write_text(json.dumps(tables, indent=2))
+    index = json.loads((out / "runs.json").read_text())
+    total = max(e["tokens_per_step"] for e in index.values()) * max(
+        (_last_step(pathlib.Path(e["workdir"])) for e in index.values()), default=1
+    )
     md = [
         f"## {study.title} ({study.paper})",
         "",
-        f"Final values, mean ± std over {rows[0]['seeds']} seeds; Δ is the paired "
-        f"difference (same seed) of the validation loss to `{study.reference}`.",
+        f"Validation loss on the report half of the held-out windows at the last step, mean ± "
+        f"std over {len(seeds)} seeds. Δ: the paired difference (same seed) to "
+        f"`{study.reference}`, with the paired t-test over seeds (t, two-sided p); the "
+        "verdict says better or worse at p < 0.05. Tokens to ref's loss: the tokens the "
+        "arm's validation curve needs to reach the reference's final loss under the same "
+        f"seed, interpolated between evaluations (mean over seeds; in brackets the fraction "
+        f"of the run's {total / 1e6:.3g} M tokens).",
         "",
-        "| arm | train loss | val loss | val PPL | Δ val loss |",
-        "|---|---|---|---|---|",
+        "### At the shared learning rate",
+        "",
+        *_comparison_md(study, tables["shared"], total),
     ]
-    md += [
-        f"| {r['arm']} | {r['train_loss']:.4f} ± {r['train_loss_std']:.4f} "
-        f"| {r['val_loss']:.4f} ± {r['val_loss_std']:.4f} "
-        f"| {r['val_ppl']:.2f} ± {r['val_ppl_std']:.2f} "
-        f"| {r['delta_val_loss']:+.4f} ± {r['delta_val_loss_std']:.4f} |"
-        for r in rows
-    ]
+    if tables.get("grid"):
+        chosen = list(seeds[: controls.select_seeds])
+        lrs = sorted({k for row in tables["grid"] for k in row if k[0].isdigit()}, key=float)
+        md += [
+            "",
+            f"### Learning-rate grid: selection-half loss, seeds {chosen}",
+            "",
+            "| arm | " + " | ".join(f"lr {lr}" for lr in lrs) + " | best |",
+            "|---" * (len(lrs) + 2) + "|",
+        ]
+        for row in tables["grid"]:
+            cells = [
+                f"{row[lr]:.4f}"
+                if lr in row and math.isfinite(row[lr])
+                else "diverged"
+                if lr in row
+                else "-"
+                for lr in lrs
+            ]
+            edge = " (edge of the grid)" if row["edge"] else ""
+            md.append(f"| {row['arm']} | " + " | ".join(cells) + f" | {row['best_lr']:g}{edge} |")
+    if tables.get("best"):
+        md += [
+            "",
+            "### Each arm at its best learning rate",
+            "",
+            *_comparison_md(study, tables["best"], total),
+        ]
+    elif controls.lrs:
+        md += ["", "(The best-lr runs of the other seeds are not all finished.)"]
     (out / "table.md").write_text("\n".join(md) + "\n")
-    (out / "table.json").write_text(json.dumps(rows, indent=2))
+
+
+def _last_step(workdir: pathlib.Path) -> int:
+    records = mx.read_jsonl(workdir / mx.JSONL) if (workdir / mx.JSONL).exists() else []
+    return max((r["step"] for r in records), default=1)
 
 
 def _plot(study: Study, out: pathlib.Path, runs: dict, seeds: Sequence[int]) -> None:
+    """Training loss, report-half validation loss and PPL at the shared lr: the
+    mean over seeds and the min-max band."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     panels = [
-        ("loss", "training loss", False),
-        ("val_loss", "validation loss", False),
-        ("val_loss", "validation PPL", True),
+        ("train", "training loss", False),
+        ("val", "validation loss (report half)", False),
+        ("val", "validation PPL (report half)", True),
     ]
     fig, axes = plt.subplots(1, 3, figsize=(15, 4))
     for ax, (key, title, ppl) in zip(axes, panels, strict=True):
         for arm in study.arms:
-            steps = runs[(arm.label, seeds[0])][key][0]
-            n = min(len(runs[(arm.label, s)][key][1]) for s in seeds)
-            ys = np.stack([runs[(arm.label, s)][key][1][:n] for s in seeds])
+            res = [r for (label, _, s), r in runs.items() if label == arm.label and s in seeds]
+            if not res:
+                continue
+            curves = [
+                (r.train_steps, r.train_loss) if key == "train" else (r.val_steps, r.val_report)
+                for r in res
+            ]
+            n = min(len(y) for _, y in curves)
+            ys = np.stack([y[:n] for _, y in curves])
             ys = np.exp(ys) if ppl else ys
-            mean = ys.mean(0)
-            (line,) = ax.plot(steps[:n], mean, label=arm.label)
-            ax.fill_between(steps[:n], ys.min(0), ys.max(0), color=line.get_color(), alpha=0.2)
+            (line,) = ax.plot(curves[0][0][:n], ys.mean(0), label=arm.label)
+            ax.fill_between(
+                curves[0][0][:n], ys.min(0), ys.max(0), color=line.get_color(), alpha=0.2
+            )
         ax.set_title(title)
         ax.set_xlabel("step")
         ax.legend()
-    fig.suptitle(f"{study.title} ({study.paper}); mean and min-max over {len(seeds)} seeds")
+    fig.suptitle(
+        f"{study.title} ({study.paper}); shared lr, mean and min-max over {len(seeds)} seeds"
+    )
     fig.tight_layout()
-    fig.savefig(out / "curves.png", dpi=110)
+    fig.savefig(out / "curves.png", dpi=90)
     plt.close(fig)

@@ -278,11 +278,16 @@ def train(spec: Spec, workdir: str | pathlib.Path, out: TextIO | None = None) ->
             shd.put_batch(b, steps.batch_sharding) for b in pipeline.eval_batches(tcfg.eval_batches)
         ]
 
-        def evaluate() -> dict[str, float]:
-            sums = [steps.eval(state.params, state.rest, b) for b in eval_data]
-            ce, weight = np.sum(jax.device_get(sums), axis=0)
+        def evaluate() -> dict[str, Any]:
+            """The loss over the evaluation batches, and each batch's sums (so that a
+            study can split the held-out windows, e.g. to choose on one half)."""
+            sums = np.asarray(
+                jax.device_get([steps.eval(state.params, state.rest, b) for b in eval_data])
+            )
+            ce, weight = sums.sum(axis=0)
             loss = float(ce / max(weight, 1.0))
-            return {"val_loss": loss, "val_ppl": math.exp(min(loss, 80.0))}
+            per_batch = {"val_batch_ce": sums[:, 0], "val_batch_tokens": sums[:, 1]}
+            return {"val_loss": loss, "val_ppl": math.exp(min(loss, 80.0)), **per_batch}
 
         # --- The loop. -----------------------------------------------------------
         unigram = pipeline.unigram_loss()

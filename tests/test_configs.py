@@ -8,13 +8,13 @@ import launch
 from configs import default, dense, moe
 from polyjax import activations as acts
 from polyjax.config import Spec
-from polyjax.model import Transformer
+from polyjax.model import Transformer, param_counts
 
 FAMILIES = {"dense": dense, "moe": moe}
 
 
 @pytest.mark.parametrize("family", ["dense", "moe"])
-@pytest.mark.parametrize("size", ["tiny", "cpu", "small", "1b"])
+@pytest.mark.parametrize("size", ["tiny", "cpu", "small", "gpu", "1b"])
 def test_every_activation_loads(family, size):
     for act in acts.REGISTRY:
         spec = Spec.from_config(FAMILIES[family].get_config(f"act={act},size={size}"))
@@ -42,6 +42,21 @@ def test_1b_reads_a_token_store_and_its_tokenizer(family):
     data = FAMILIES[family].get_config("size=1b").data
     store = data.source.removeprefix("tokens:")
     assert data.source.startswith("tokens:") and data.tokenizer == f"{store}/tokenizer.json"
+
+
+def test_gpu_size_keeps_parameters_equal_across_activations():
+    """The gpu size's own FFN widths follow the equal-parameter rule: SwiGLU's
+    three matrices hold as many parameters as the two of an ungated FFN (within
+    the rounding to 32), dense and per MoE expert."""
+    for family in ("dense", "moe"):
+        counts = {
+            act: param_counts(
+                Spec.from_config(FAMILIES[family].get_config(f"act={act},size=gpu")).model
+            )
+            for act in ("swiglu", "polynorm")
+        }
+        swiglu, polynorm = counts["swiglu"]["total"], counts["polynorm"]["total"]
+        assert abs(swiglu - polynorm) / polynorm < 0.01
 
 
 def test_unknown_size():

@@ -7,10 +7,11 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+import scipy.stats
 from flax import nnx
 
-from experiments import analysis, study, theory
-from polyjax.analysis import effective_rank
+from experiments import analysis, stats, study, theory
+from polyjax.analysis import effective_rank, layer_similarity
 from polyjax.config import Spec
 from polyjax.model import ModelConfig, Transformer, preset
 
@@ -67,8 +68,97 @@ def test_ffn_ranks_and_similarity_of_a_model():
         "weights": jnp.ones((2, 16)),
     }
     sim = analysis.hidden_similarity(model, [batch])
-    assert sim.shape == (model.cfg.n_layers + 1,) * 2
-    np.testing.assert_allclose(np.diag(sim), 1.0, rtol=1e-5)
+    # block outputs only: the embedding output (hidden_states[0]) is left out
+    assert sim.shape == (model.cfg.n_layers,) * 2
+    h = np.asarray(model(tokens, return_hidden=True)[1]["hidden_states"])
+    blocks = h[1:].reshape(model.cfg.n_layers, -1, h.shape[-1])
+    np.testing.assert_allclose(sim, layer_similarity(blocks), rtol=1e-5, atol=1e-6)
+    with_embedding = layer_similarity(h.reshape(h.shape[0], -1, h.shape[-1]))
+    assert not np.allclose(sim, with_embedding[:-1, :-1], atol=1e-3)
+
+
+def test_tokens_to_target_interpolates_on_a_known_curve():
+    tokens = np.array([100.0, 200.0, 300.0, 400.0])
+    loss = 5.0 - 0.01 * tokens  # 4.0, 3.0, 2.0, 1.0
+    assert stats.tokens_to_target(tokens, loss, 2.5) == pytest.approx(250.0)
+    assert stats.tokens_to_target(tokens, loss, 3.0) == pytest.approx(200.0)  # on a point
+    assert stats.tokens_to_target(tokens, loss, 4.5) == pytest.approx(100.0)  # at the first
+    assert stats.tokens_to_target(tokens, loss, 0.5) is None  # never reached
+    # the first crossing counts, not a later one after a bump
+    bumpy = np.array([4.0, 2.0, 3.0, 1.0])
+    assert stats.tokens_to_target(tokens, bumpy, 2.5) == pytest.approx(175.0)
+
+
+def test_best_lr_is_the_lowest_mean_and_diverged_runs_lose():
+    grid = {1e-3: [3.1, 3.3], 3e-3: [3.0, 3.1], 1e-2: [2.9, float("inf")]}
+    assert stats.best_lr(grid) == 3e-3  # 1e-2 has the lowest seed but diverged in one
+    assert stats.best_lr({1e-3: [3.0], 1e-2: [float("nan")]}) == 1e-3
+    assert stats.at_edge(1e-2, list(grid)) and not stats.at_edge(3e-3, list(grid))
+    with pytest.raises(ValueError, match="no learning rate"):
+        stats.best_lr({})
+
+
+def test_halves_and_paired_t_against_direct_computation():
+    ce, n = [10.0, 20.0, 30.0, 5.0, 7.0], [5.0, 5.0, 10.0, 2.0, 1.0]
+    h = stats.halves(ce, n)
+    assert h["select"] == pytest.approx(30 / 10) and h["report"] == pytest.approx(42 / 13)
+    assert h["all"] == pytest.approx(72 / 23)
+    d = np.array([0.1, 0.3, 0.2])
+    t, p = stats.paired_t(d)
+    assert t == pytest.approx(d.mean() / (d.std(ddof=1) / np.sqrt(3)))
+    assert p == pytest.approx(2 * scipy.stats.t.sf(abs(t), 2))
+    assert p == pytest.approx(scipy.stats.ttest_1samp(d, 0.0).pvalue)
+
+
+def test_study_report_selects_on_one_half_and_reports_the_other(tmp_path):
+    """Synthetic runs (metrics.jsonl only): the best lr is chosen on the selection
+    half even where the report half would choose another, and the tables follow."""
+    s = study.Study(
+        "syn", "Synthetic", "none", (study.Arm("a", "relu"), study.Arm("b", "relu")), "a"
+    )
+    # per (arm, lr, seed): (selection-half, report-half) losses at steps 10, 20
+    finals = {
+        ("a", 1e-3): [(3.0, 3.0), (3.0, 3.1)],
+        ("a", 3e-3): [(2.9, 3.5), (2.9, 3.4)],  # best on selection, worse on report
+        ("b", 1e-3): [(3.2, 3.2), (3.2, 3.3)],
+        ("b", 3e-3): [(3.3, 3.0), (3.3, 2.9)],
+    }
+    index = {}
+    for (arm, lr), per_seed in finals.items():
+        for seed, (sel, rep) in enumerate(per_seed):
+            if lr == 3e-3 and seed > 0 and arm == "b":
+                continue  # b's best lr (1e-3) is the shared one: nothing more to run
+            wd = tmp_path / f"{arm}-{lr}-{seed}"
+            wd.mkdir()
+            recs = [
+                {
+                    "step": step,
+                    "loss": rep + 1,
+                    "val_batch_ce": [sel + k, rep + k],
+                    "val_batch_tokens": [1, 1],
+                }
+                for step, k in ((10, 0.5), (20, 0.0))
+            ]
+            (wd / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in recs))
+            index[f"{arm}/lr{lr:g}/seed{seed}"] = {
+                "workdir": str(wd), "arm": arm, "lr": lr, "seed": seed,
+                "shared": lr == 1e-3, "tokens_per_step": 100,
+            }  # fmt: skip
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "runs.json").write_text(json.dumps(index))
+    tables = study.report(s, out, (0, 1), study.Controls(lrs=(3e-3,)))
+    assert {r["arm"]: r["best_lr"] for r in tables["grid"]} == {"a": 3e-3, "b": 1e-3}
+    shared = {r["arm"]: r for r in tables["shared"]}
+    assert shared["b"]["val_loss"] == pytest.approx(3.25)  # the report half
+    assert shared["b"]["delta"] == pytest.approx(0.2)
+    best = {r["arm"]: r for r in tables["best"]}
+    assert best["a"]["val_loss"] == pytest.approx(3.45) and best["a"]["lr"] == 3e-3
+    assert best["b"]["delta"] == pytest.approx(3.25 - 3.45)
+    # tokens to a's final loss (3.5, 3.4): b's curves (3.7 -> 3.2, 3.8 -> 3.3 over
+    # 1000 -> 2000 tokens) reach them at 1400 and 1800
+    assert best["b"]["tokens_to_target"] == pytest.approx(1600.0)
+    assert (out / "table.md").read_text().count("|") > 20 and (out / "curves.png").exists()
 
 
 SMOKE = {  # the tiny size, a few steps
@@ -83,20 +173,25 @@ SMOKE = {  # the tiny size, a few steps
 def test_study_smoke_runs_tabulates_and_resumes(tmp_path):
     arms = (study.Arm("relu", "relu"), study.Arm("polynorm", "polynorm"))
     s = study.Study("smoke", "Smoke", "none", arms, reference="relu")
-    rows = study.run(s, tmp_path / "smoke", size="tiny", seeds=(0, 1), extra=SMOKE)
+    tables = study.run(s, tmp_path / "smoke", size="tiny", seeds=(0, 1), extra=SMOKE)
+    assert set(tables) == {"shared", "grid"} and not tables["grid"]  # no lr grid asked
+    rows = tables["shared"]
     assert [r["arm"] for r in rows] == ["relu", "polynorm"]
-    # the table against the runs' own summaries: mean and paired difference over seeds
+    # the table against the runs' own summaries (one evaluation batch: the report
+    # half is all of it): mean and paired difference over seeds
     index = json.loads((tmp_path / "smoke" / "runs.json").read_text())
     final = {
-        key: json.loads((pathlib.Path(path) / "summary.json").read_text())["val_loss"]
-        for key, path in index.items()
+        key: json.loads((pathlib.Path(e["workdir"]) / "summary.json").read_text())["val_loss"]
+        for key, e in index.items()
     }
-    val = [final[f"polynorm/seed{seed}"] for seed in (0, 1)]
-    delta = [final[f"polynorm/seed{seed}"] - final[f"relu/seed{seed}"] for seed in (0, 1)]
+    val = [final[f"polynorm/lr0.001/seed{seed}"] for seed in (0, 1)]
+    delta = [
+        final[f"polynorm/lr0.001/seed{seed}"] - final[f"relu/lr0.001/seed{seed}"] for seed in (0, 1)
+    ]
     assert rows[1]["val_loss"] == pytest.approx(np.mean(val), rel=1e-6)
     assert rows[1]["val_loss_std"] == pytest.approx(np.std(val, ddof=1), rel=1e-6)
-    assert rows[1]["delta_val_loss"] == pytest.approx(np.mean(delta), rel=1e-6)
-    assert rows[1]["delta_val_loss_std"] == pytest.approx(np.std(delta, ddof=1), rel=1e-6)
+    assert rows[1]["delta"] == pytest.approx(np.mean(delta), rel=1e-6)
+    assert rows[1]["delta_std"] == pytest.approx(np.std(delta, ddof=1), rel=1e-6)
     for name in ("table.md", "table.csv", "curves.png", "runs.json"):
         assert (tmp_path / "smoke" / name).stat().st_size > 0
     # seeds differ (the spread is real), and a second call reruns nothing
@@ -110,6 +205,13 @@ def test_study_smoke_runs_tabulates_and_resumes(tmp_path):
     study.run(again, tmp_path / "again", size="tiny", seeds=(0, 1), extra=SMOKE)
     assert sorted((tmp_path / "_runs").glob("*/seed*/metrics.jsonl")) == runs
     assert [p.stat().st_mtime for p in runs] == mtimes
+    # a study cut short: run_missing=False tabulates the finished runs, trains none
+    grid = study.Controls(lrs=(3e-3,))
+    cut = study.run(s, tmp_path / "cut", size="tiny", seeds=(0, 1), extra=SMOKE, controls=grid,
+                    run_missing=False)  # fmt: skip
+    assert sorted((tmp_path / "_runs").glob("*/seed*/metrics.jsonl")) == runs
+    assert [sorted(k for k in row if k[0].isdigit()) for row in cut["grid"]] == [["0.001"]] * 2
+    assert [r["val_loss"] for r in cut["shared"]] == [r["val_loss"] for r in rows]
 
 
 def test_analysis_loads_a_trained_checkpoint(tmp_path):
@@ -117,7 +219,7 @@ def test_analysis_loads_a_trained_checkpoint(tmp_path):
     study.run(s, tmp_path / "one", size="tiny", seeds=(0,), extra=SMOKE)
     workdir = next((tmp_path / "_runs").glob("*/seed0"))
     spec = Spec.from_config(s.config(s.arms[0], "tiny", 0, SMOKE))
-    model, batches = analysis.load_trained(spec, workdir)
+    model, batches = analysis.load_trained(spec, workdir, n=spec.train.eval_batches)
     summary = json.loads((workdir / "summary.json").read_text())
     # the restored model reproduces the run's final validation loss
     ce, n = 0.0, 0.0
