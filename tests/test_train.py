@@ -1,8 +1,10 @@
 """The trainer: loss, gradient accumulation, bitwise resume, two processes."""
 
+import json
 import math
 import os
 import pathlib
+import shutil
 import socket
 import subprocess
 import sys
@@ -113,10 +115,12 @@ def _free_port():
         return s.getsockname()[1]
 
 
-def test_two_processes_match_one(tmp_path, tiny):
+def test_two_processes_match_one_and_one_resumes_them(tmp_path, tiny, launch_py):
     """Two local CPU processes (jax.distributed, one device each) vs this process
-    (eight devices): the same global batches, the same losses."""
-    run = {**RUN, "train.steps": 3}
+    (eight devices): the same global batches, the same losses. Their checkpoint
+    resumes in one process: a data iterator's state is the next global batch,
+    whatever the process count."""
+    run = RUN
     env = {**os.environ, "PYTHONPATH": str(ROOT), "JAX_PLATFORMS": "cpu"}
     cmd = [sys.executable, str(ROOT / "launch.py"), *tiny.argv(**run)]
     port = _free_port()
@@ -149,8 +153,18 @@ def test_two_processes_match_one(tmp_path, tiny):
             p.kill()
     assert [p.returncode for p in procs] == [0, 0], outs[0][-2000:] + outs[1][-2000:]
     two, single = losses(tmp_path / "two"), losses(tmp_path / "one")
-    assert [s for s, _ in two] == [1, 2, 3]
+    assert [s for s, _ in two] == [1, 2, 3, 4, 5, 6]
     np.testing.assert_allclose([v for _, v in two], [v for _, v in single], rtol=1e-5)
+    resumed = tmp_path / "resumed"
+    shutil.copytree(tmp_path / "two", resumed)
+    shutil.rmtree(resumed / "checkpoints" / "6")
+    saved = json.loads((resumed / "checkpoints" / "3" / "data" / "metadata").read_text())
+    assert len(saved["process_states"]) == 2
+    result = launch_py(*tiny.argv(**run), f"--workdir={resumed}")
+    assert result.code == 0 and "at step 3" in result.out, result.err
+    again = losses(resumed)
+    assert [s for s, _ in again] == [1, 2, 3, 4, 5, 6]
+    np.testing.assert_allclose([v for _, v in again], [v for _, v in single], rtol=1e-5)
 
 
 def test_moe_aux_loss_is_in_the_gradient_and_logged(tiny):
