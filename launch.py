@@ -6,6 +6,8 @@
     python launch.py --config configs/moe.py:size=1b --dry_run
     python launch.py --experiment order --size cpu --seeds 0,1,2   # a study (experiments/)
     python launch.py ... --coordinator 10.0.0.1:1234 --num_processes 2 --process_id 0
+    python launch.py --sample --workdir runs/default --prompt "ROMEO:" --max_new_tokens 200
+    python launch.py --eval --workdir runs/default --tasks arc_easy,hellaswag   # needs .[eval]
 
 Flags are absl's; ``--config path.py[:arg]`` and its typed overrides
 ``--config.<field>=<value>`` are ml_collections' ``config_flags``. Bad input (an
@@ -45,7 +47,7 @@ from ml_collections import config_flags
 
 from experiments import run as experiments
 from polyjax import checkpoint as ckpt
-from polyjax import nonfinite, train
+from polyjax import memory, nonfinite, train
 from polyjax import sharding as shd
 from polyjax import workdir as wd
 from polyjax.config import InputError, Spec
@@ -71,12 +73,41 @@ SWEEP = flags.DEFINE_multi_string(
     "field=v1,v2,...: one run per value, in <workdir>/<field>=<value>; "
     "several --sweep: their product",
 )
-DRY_RUN = flags.DEFINE_bool("dry_run", False, "print the plan (counts, mesh, shardings); no run")
+DRY_RUN = flags.DEFINE_bool(
+    "dry_run", False, "print the plan (counts, mesh, shardings, memory per device); no run"
+)
+MEMORY_PLAN = flags.DEFINE_bool(
+    "memory_plan",
+    True,
+    "with --dry_run: compile the train step for the mesh (abstract inputs, nothing "
+    "allocated) and print its memory per device; --nomemory_plan: counts and shardings only",
+)
+DEVICE_MEMORY_GB = flags.DEFINE_float(
+    "device_memory_gb",
+    0.0,
+    "with --dry_run: one device's memory in GB (1e9 bytes) to check the plan against; "
+    "0: the runtime's allocator limit, else a table by device kind",
+)
 EXPERIMENT = flags.DEFINE_string(
     "experiment", None, f"run a study of the paper: {', '.join(experiments.NAMES)}"
 )
 SIZE = flags.DEFINE_string("size", "cpu", "with --experiment: the config size of its runs")
 SEEDS = flags.DEFINE_list("seeds", ["0", "1", "2"], "with --experiment: the seeds")
+# Around a trained model (polyjax.sample, polyjax.lm_eval_model): --workdir names the run.
+SAMPLE = flags.DEFINE_bool("sample", False, "print text from --workdir's model")
+PROMPT = flags.DEFINE_string("prompt", "", "with --sample: the text to continue")
+MAX_NEW_TOKENS = flags.DEFINE_integer("max_new_tokens", 200, "with --sample")
+TEMPERATURE = flags.DEFINE_float("temperature", 0.8, "with --sample; 0: greedy")
+TOP_K = flags.DEFINE_integer("top_k", 0, "with --sample; 0: off")
+TOP_P = flags.DEFINE_float("top_p", 0.95, "with --sample; 1: off")
+NUM_SAMPLES = flags.DEFINE_integer("num_samples", 1, "with --sample")
+SEED = flags.DEFINE_integer("seed", 0, "with --sample or --eval")
+EVAL = flags.DEFINE_bool("eval", False, "lm-eval tasks on --workdir's model (needs .[eval])")
+TASKS = flags.DEFINE_string("tasks", "", "with --eval: a,b,... or paper")
+LIMIT = flags.DEFINE_float("limit", None, "with --eval: examples per task (testing)")
+NUM_FEWSHOT = flags.DEFINE_integer("num_fewshot", None, "with --eval")
+BATCH_SIZE = flags.DEFINE_integer("batch_size", 32, "with --eval")
+INCLUDE_PATH = flags.DEFINE_string("include_path", None, "with --eval: a folder of task YAMLs")
 COORDINATOR = flags.DEFINE_string("coordinator", None, "host:port of process 0 (multi-host)")
 NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "multi-host: the process count")
 PROCESS_ID = flags.DEFINE_integer("process_id", None, "multi-host: this process's index")
@@ -249,12 +280,33 @@ def plan(spec: Spec) -> str:
     )
 
 
+def data_note(spec: Spec) -> str:
+    """One line on the run's data, from ``train.check_data``: what it found, or why
+    the run would stop (a dry run goes on without the data)."""
+    try:
+        checked = train.check_data(spec)
+    except ValueError as e:
+        return f"data: NOT READY (a run would stop here): {e}"
+    if checked.store_tokens is not None:
+        found = f"a token store of {checked.store_tokens:,} tokens"
+    else:
+        found = f"{checked.text_bytes / 1e6:,.1f} MB of text, tokenised by the trainer"
+    return f"data: {spec.data.source}: {found}; vocabulary {checked.vocab_size:,}"
+
+
 def dry_run_mode() -> int:
-    """Print the plan of each point of the sweep; build nothing, allocate nothing."""
+    """Print the plan of each point of the sweep: counts, mesh, shardings, the data
+    checks (a note, not an error: the data may live elsewhere) and, unless
+    --nomemory_plan, the memory per device of the train step compiled from abstract
+    inputs. Nothing is allocated or written."""
     with bad_input():
         runs = [(Spec.from_config(cfg), workdir) for cfg, workdir in sweep_points()]
+    capacity = DEVICE_MEMORY_GB.value * 1e9 or None
     for spec, workdir in runs:
-        print(f"{plan(spec)}\nworkdir {workdir}\n")
+        print(f"{plan(spec)}\n{data_note(spec)}", flush=True)
+        if MEMORY_PLAN.value:
+            print(memory.plan(spec, capacity).describe())
+        print(f"workdir {workdir}\n", flush=True)
     return 0
 
 
@@ -270,7 +322,58 @@ def experiment_mode() -> int:
     return 0
 
 
-MODES = {"experiment": experiment_mode, "dry_run": dry_run_mode}
+def _trained_workdir() -> str:
+    if not WORKDIR.value:
+        raise app.UsageError("--sample and --eval need --workdir (a trained run)")
+    return WORKDIR.value
+
+
+def sample_mode() -> int:
+    """``--sample``: print text continuing ``--prompt`` from ``--workdir``'s model."""
+    from polyjax import sample
+
+    with bad_input():
+        sample.main(
+            _trained_workdir(),
+            PROMPT.value,
+            max_new_tokens=MAX_NEW_TOKENS.value,
+            temperature=TEMPERATURE.value,
+            top_k=TOP_K.value,
+            top_p=TOP_P.value,
+            seed=SEED.value,
+            num_samples=NUM_SAMPLES.value,
+        )
+    return 0
+
+
+def eval_mode() -> int:
+    """``--eval``: lm-eval-harness tasks on ``--workdir``'s model; a table and JSON
+    in the workdir."""
+    workdir = _trained_workdir()
+    try:
+        from polyjax import lm_eval_model
+    except ImportError as e:
+        raise app.UsageError(f"--eval needs lm-eval ({e}): pip install -e '.[eval]'") from None
+    limit = LIMIT.value
+    with bad_input():
+        lm_eval_model.main(
+            workdir,
+            TASKS.value,
+            limit=limit if limit is None or limit < 1 else int(limit),
+            num_fewshot=NUM_FEWSHOT.value,
+            batch_size=BATCH_SIZE.value,
+            include_path=INCLUDE_PATH.value,
+            seed=SEED.value,
+        )
+    return 0
+
+
+MODES = {
+    "experiment": experiment_mode,
+    "dry_run": dry_run_mode,
+    "sample": sample_mode,
+    "eval": eval_mode,
+}
 
 
 def main(argv: Sequence[str]) -> int:

@@ -14,9 +14,14 @@ SIZES = {
     "1b": dict(  # 24 layers, d_model 2048; 250B tokens of 64 x 4096; lr 3e-4 -> 1.5e-5
         preset="1b",
         model=dict(),
-        # The paper trains on RedPajama-1T (not in TFDS): point data.source at it.
+        # Fill in the two paths: a token store written by `python -m polyjax.data.pretokenize
+        # --source ... --out DIR` and the tokenizer it saved beside its shards, whose
+        # vocabulary must fit model.vocab_size (docs/data_scale.md).
         data=dict(
-            source="tfds:c4/en", tokenizer="bpe", vocab_size=32000, seq_len=4096, global_batch=64
+            source="tokens:/path/to/tokens",
+            tokenizer="/path/to/tokens/tokenizer.json",
+            seq_len=4096,
+            global_batch=64,
         ),
         optim=dict(lr=3e-4, final_lr=1.5e-5, warmup_steps=5_913),
         train=dict(

@@ -13,10 +13,15 @@ SIZES = {
     "1b": dict(  # 16 layers, 64 experts top-8; 200B tokens of 1024 x 4096; lr 4e-4
         preset="1b",
         model=dict(),
-        # The paper's data is not in TFDS: point data.source at it. The final lr is
-        # not given by the paper (10% of the peak here).
+        # Fill in the two paths: a token store written by `python -m polyjax.data.pretokenize
+        # --source ... --out DIR` and the tokenizer it saved beside its shards, whose
+        # vocabulary must fit model.vocab_size (docs/data_scale.md).
+        # The final lr is not given by the paper (10% of the peak here).
         data=dict(
-            source="tfds:c4/en", tokenizer="bpe", vocab_size=50304, seq_len=4096, global_batch=1024
+            source="tokens:/path/to/tokens",
+            tokenizer="/path/to/tokens/tokenizer.json",
+            seq_len=4096,
+            global_batch=1024,
         ),
         optim=dict(lr=4e-4, final_lr=4e-5, warmup_steps=2_503),
         train=dict(

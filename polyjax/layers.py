@@ -12,6 +12,7 @@ from collections.abc import Callable
 import jax
 import jax.numpy as jnp
 from flax import nnx
+from jax.ad_checkpoint import checkpoint_name
 
 from polyjax import activations as acts
 from polyjax import kernels
@@ -149,8 +150,10 @@ class FFN(nnx.Module):
     def __call__(self, x_BxLxD: Array) -> Array:
         x_BxLxD = x_BxLxD.astype(self.dtype)
         h_BxLxF = jnp.einsum("bld,df->blf", x_BxLxD, self.w_in[...].astype(self.dtype))
+        h_BxLxF = checkpoint_name(h_BxLxF, "ffn_hidden")
         if self.gated:
             u_BxLxF = jnp.einsum("bld,df->blf", x_BxLxD, self.w_up[...].astype(self.dtype))
+            u_BxLxF = checkpoint_name(u_BxLxF, "ffn_hidden")
             h_BxLxF = self.act(h_BxLxF, u_BxLxF)
         else:
             h_BxLxF = self.act(self.shard(h_BxLxF, ("batch", "length", "mlp")))
@@ -278,9 +281,8 @@ class Attention(nnx.Module):
         self.q_norm = norm(q_shape[1:]) if qk_norm else None
         self.k_norm = norm(kv_shape[1:]) if qk_norm else None
 
-    def __call__(
-        self, x_BxLxD: Array, positions_BxL: Array, segment_ids_BxL: Array | None = None
-    ) -> Array:
+    def _qkv(self, x_BxLxD: Array, positions_BxL: Array) -> tuple[Array, Array, Array]:
+        """The projections, QK-norm and RoPE: queries, keys and values."""
         x_BxLxD = x_BxLxD.astype(self.dtype)
         proj = lambda w: jnp.einsum("bld,dhk->blhk", x_BxLxD, w[...].astype(self.dtype))
         q_BxLxHxK, k_BxLxGxK, v_BxLxGxK = proj(self.w_q), proj(self.w_k), proj(self.w_v)
@@ -288,6 +290,12 @@ class Attention(nnx.Module):
             q_BxLxHxK, k_BxLxGxK = self.q_norm(q_BxLxHxK), self.k_norm(k_BxLxGxK)
         q_BxLxHxK = rope(q_BxLxHxK, positions_BxL, self.rope_theta)
         k_BxLxGxK = rope(k_BxLxGxK, positions_BxL, self.rope_theta)
+        return q_BxLxHxK, k_BxLxGxK, v_BxLxGxK
+
+    def __call__(
+        self, x_BxLxD: Array, positions_BxL: Array, segment_ids_BxL: Array | None = None
+    ) -> Array:
+        q_BxLxHxK, k_BxLxGxK, v_BxLxGxK = self._qkv(x_BxLxD, positions_BxL)
         axes = ("batch", "length", "heads", "kv")
         q_BxLxHxK, k_BxLxGxK, v_BxLxGxK = (
             self.shard(t, axes) for t in (q_BxLxHxK, k_BxLxGxK, v_BxLxGxK)
@@ -295,3 +303,33 @@ class Attention(nnx.Module):
         o_BxLxHxK = causal_attention(q_BxLxHxK, k_BxLxGxK, v_BxLxGxK, segment_ids_BxL, self.impl)
         o_BxLxHxK = self.shard(o_BxLxHxK, axes)
         return jnp.einsum("blhk,hkd->bld", o_BxLxHxK, self.w_o[...].astype(self.dtype))
+
+    def decode(
+        self,
+        x_BxLxD: Array,
+        positions_BxL: Array,
+        k_BxSxGxK: Array,
+        v_BxSxGxK: Array,
+        index: Array,
+        mask_BxLxS: Array,
+    ) -> tuple[Array, Array, Array]:
+        """Attention of L new tokens against a KV cache of S slots: their keys and
+        values are written at slots ``index .. index + L - 1``, then each query
+        attends to the slots ``mask_BxLxS`` allows. Returns (output, keys, values)."""
+        q_BxLxHxK, k_BxLxGxK, v_BxLxGxK = self._qkv(x_BxLxD, positions_BxL)
+        axes = ("batch", "length", "heads", "kv")
+        write = lambda cache, new: self.shard(
+            jax.lax.dynamic_update_slice_in_dim(cache, new.astype(cache.dtype), index, axis=1),
+            axes,
+        )
+        k_BxSxGxK, v_BxSxGxK = write(k_BxSxGxK, k_BxLxGxK), write(v_BxSxGxK, v_BxLxGxK)
+        o_BxLxHxK = jax.nn.dot_product_attention(
+            self.shard(q_BxLxHxK, axes),
+            k_BxSxGxK.astype(q_BxLxHxK.dtype),
+            v_BxSxGxK.astype(q_BxLxHxK.dtype),
+            mask=mask_BxLxS[:, None],
+            implementation="xla",
+        )
+        o_BxLxHxK = self.shard(o_BxLxHxK, axes)
+        out_BxLxD = jnp.einsum("blhk,hkd->bld", o_BxLxHxK, self.w_o[...].astype(self.dtype))
+        return out_BxLxD, k_BxSxGxK, v_BxSxGxK

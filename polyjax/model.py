@@ -17,6 +17,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 from flax import nnx
+from jax.ad_checkpoint import checkpoint_name
 
 from polyjax import activations as acts
 from polyjax.activations import ActivationConfig
@@ -29,12 +30,21 @@ Array = jax.Array
 REMAT_POLICIES = {
     "none": None,
     "full": jax.checkpoint_policies.nothing_saveable,
+    "save_ffn_in": jax.checkpoint_policies.save_only_these_names("ffn_in"),
+    "save_block": jax.checkpoint_policies.save_only_these_names("attn_out", "ffn_in", "ffn_out"),
+    "save_ffn_hidden": jax.checkpoint_policies.save_only_these_names("ffn_hidden"),
     "save_dots": jax.checkpoint_policies.dots_saveable,
     "save_dots_no_batch": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
 }
-"""Remat policy names: "none" stores every activation, "full" recomputes the whole
-layer in backward, "save_dots" keeps the matmul outputs, "save_dots_no_batch" keeps
-those without batch dimensions (the weight-stationary ones)."""
+"""Remat policies: what each layer keeps for the backward pass (the rest is recomputed
+from the layer's input). "none" keeps every activation, "full" nothing. The named ones
+keep tensors tagged with ``checkpoint_name`` in ``Block`` and ``FFN``: "save_ffn_in"
+the FFN's input (the normalised residual, B x L x D), "save_block" that and the
+attention and FFN outputs, "save_ffn_hidden" the activation's input(s) (the W_in and,
+gated, W_up outputs, B x L x F; the activation itself, e.g. PolyNorm, whose backward
+needs only its input, is recomputed; tagged in the dense FFN only). "save_dots" keeps
+every matmul output (attention scores included), "save_dots_no_batch" those without
+batch dimensions (the projections). docs/scale.md has measured memory and FLOPs."""
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 
@@ -208,11 +218,43 @@ class Block(nnx.Module):
         self, x_BxLxD: Array, positions_BxL: Array, segment_ids_BxL: Array | None
     ) -> tuple[Array, dict[str, Array]]:
         axes = ("batch", "length", "act_embed")
-        h_BxLxD = x_BxLxD + self.attn(self.attn_norm(x_BxLxD), positions_BxL, segment_ids_BxL)
-        h_BxLxD = self.shard(h_BxLxD, axes)
-        f = self.ffn(self.ffn_norm(h_BxLxD))
+        a_BxLxD = self.attn(self.attn_norm(x_BxLxD), positions_BxL, segment_ids_BxL)
+        h_BxLxD = self.shard(x_BxLxD + checkpoint_name(a_BxLxD, "attn_out"), axes)
+        f = self.ffn(checkpoint_name(self.ffn_norm(h_BxLxD), "ffn_in"))
         f_BxLxD, stats = f if isinstance(self.ffn, MoE) else (f, {})
-        return self.shard(h_BxLxD + f_BxLxD.astype(h_BxLxD.dtype), axes), stats
+        f_BxLxD = checkpoint_name(f_BxLxD.astype(h_BxLxD.dtype), "ffn_out")
+        return self.shard(h_BxLxD + f_BxLxD, axes), stats
+
+    def decode(
+        self,
+        x_BxLxD: Array,
+        positions_BxL: Array,
+        k_BxSxGxK: Array,
+        v_BxSxGxK: Array,
+        index: Array,
+        mask_BxLxS: Array,
+    ) -> tuple[Array, Array, Array]:
+        """The layer on L new tokens with this layer's KV cache (``Attention.decode``)."""
+        axes = ("batch", "length", "act_embed")
+        a_BxLxD, k_BxSxGxK, v_BxSxGxK = self.attn.decode(
+            self.attn_norm(x_BxLxD), positions_BxL, k_BxSxGxK, v_BxSxGxK, index, mask_BxLxS
+        )
+        h_BxLxD = self.shard(x_BxLxD + a_BxLxD, axes)
+        f = self.ffn(self.ffn_norm(h_BxLxD))
+        f_BxLxD = f[0] if isinstance(self.ffn, MoE) else f
+        return self.shard(h_BxLxD + f_BxLxD.astype(h_BxLxD.dtype), axes), k_BxSxGxK, v_BxSxGxK
+
+
+CACHE_AXES = ("layers", "batch", "length", "heads", "kv")
+"""Logical axes of the KV cache's keys and values: layers x B x S x G x K."""
+
+
+def init_cache(cfg: ModelConfig, batch: int, length: int) -> dict[str, Array]:
+    """An empty KV cache for ``Transformer.decode``: keys "k" and "v", each
+    n_layers x batch x length x n_kv_heads x head_dim in the compute dtype."""
+    shape = (cfg.n_layers, batch, length, cfg.kv_heads, cfg.d_model // cfg.n_heads)
+    zeros = jnp.zeros(shape, DTYPES[cfg.dtype])
+    return {"k": zeros, "v": zeros}
 
 
 class Transformer(nnx.Module):
@@ -262,7 +304,10 @@ class Transformer(nnx.Module):
             return y_BxLxD, ({**stats, "hidden": y_BxLxD} if return_hidden else stats)
 
         if cfg.remat != "none":
-            layer = nnx.remat(layer, policy=REMAT_POLICIES[cfg.remat], prevent_cse=False)
+            # Under scan the loop keeps XLA from merging the recomputation with the
+            # forward pass; a Python loop needs remat's own barrier (prevent_cse).
+            policy = REMAT_POLICIES[cfg.remat]
+            layer = nnx.remat(layer, policy=policy, prevent_cse=not cfg.scan_layers)
         if cfg.scan_layers:
             scan = nnx.scan(layer, in_axes=(0, nnx.Carry), out_axes=(nnx.Carry, 0))
             x_BxLxD, stats = scan(self.layers, x_BxLxD)
@@ -285,6 +330,64 @@ class Transformer(nnx.Module):
         )
         logits_BxLxV = self.shard(logits_BxLxV, ("batch", "length", "vocab"))
         return logits_BxLxV, aux
+
+    def decode(
+        self, tokens_BxL: Array, cache: dict[str, Array], index: Array, start_B: Array
+    ) -> tuple[Array, dict[str, Array]]:
+        """Logits of L new tokens given the KV cache of the earlier ones (from
+        ``init_cache``), and the updated cache: the inference entry point.
+
+        The new tokens fill cache slots ``index .. index + L - 1``. Row b's text
+        begins at slot ``start_B[b]`` (slots before it are left padding, never
+        attended to); its positions count from there. A prefill is ``decode``
+        of the (left-padded) prompts at ``index`` 0, a step ``decode`` of one
+        token at the next slot. The MoE layers run their configured dispatch (set
+        ``moe.dispatch="dropless"`` so that no token is dropped)."""
+        cfg = self.cfg
+        dt = DTYPES[cfg.dtype]
+        _, seq_len = tokens_BxL.shape
+        slots_S = jnp.arange(cache["k"].shape[2])
+        cols_L = index + jnp.arange(seq_len)
+        start_Bx1x1 = start_B[:, None, None]
+        positions_BxL = jnp.maximum(cols_L[None, :] - start_B[:, None], 0)
+        # Causal over the slots, never into the left padding (a padding query, whose
+        # output is never used, sees itself so that its softmax stays finite).
+        mask_BxLxS = (slots_S[None, None, :] <= cols_L[None, :, None]) & (
+            (slots_S[None, None, :] >= start_Bx1x1) | (cols_L[None, :, None] < start_Bx1x1)
+        )
+        x_BxLxD = jnp.take(self.embed[...], tokens_BxL, axis=0).astype(dt)
+        x_BxLxD = self.shard(x_BxLxD, ("batch", "length", "act_embed"))
+
+        def layer(block: Block, x_BxLxD: Array, k_BxSxGxK: Array, v_BxSxGxK: Array):
+            y_BxLxD, k_BxSxGxK, v_BxSxGxK = block.decode(
+                x_BxLxD, positions_BxL, k_BxSxGxK, v_BxSxGxK, index, mask_BxLxS
+            )
+            return y_BxLxD, (k_BxSxGxK, v_BxSxGxK)
+
+        if cfg.scan_layers:
+            # A plain lax.scan over the stacked layer state (an nnx transform would
+            # refuse modules from an enclosing trace, as in a decoding while_loop).
+            graphdef, stacked = nnx.split(self.layers)
+
+            def body(x_BxLxD, xs):
+                state, k_BxSxGxK, v_BxSxGxK = xs
+                return layer(nnx.merge(graphdef, state), x_BxLxD, k_BxSxGxK, v_BxSxGxK)
+
+            x_BxLxD, (k, v) = jax.lax.scan(body, x_BxLxD, (stacked, cache["k"], cache["v"]))
+        else:
+            k, v = cache["k"], cache["v"]
+            for i, block in enumerate(self.layers):
+                x_BxLxD, (k_i, v_i) = layer(block, x_BxLxD, k[i], v[i])
+                k, v = k.at[i].set(k_i), v.at[i].set(v_i)
+        h_BxLxD = self.final_norm(x_BxLxD)
+        logits_BxLxV = jnp.einsum(
+            "bld,dv->blv",
+            h_BxLxD,
+            self.head[...].astype(dt),
+            preferred_element_type=jnp.float32,
+        )
+        logits_BxLxV = self.shard(logits_BxLxV, ("batch", "length", "vocab"))
+        return logits_BxLxV, {"k": self.shard(k, CACHE_AXES), "v": self.shard(v, CACHE_AXES)}
 
     def _aux(self, stats: dict[str, Array]) -> dict[str, Array]:
         """The MoE terms for the trainer (layer means of the losses); {} if dense."""
@@ -367,11 +470,12 @@ PRESETS = {
     # The paper's models (docs/paper_models.md): the 1B dense model and OLMoE-1B-7B.
     ("dense", "1b"): dict(
         vocab_size=32000, d_model=2048, n_layers=24, n_heads=16, ffn_base=8256, max_seq_len=4096,
-        init_std=0.013975, dtype="bfloat16", remat="save_dots", scan_layers=True,
+        init_std=0.013975, dtype="bfloat16", remat="save_dots_no_batch", scan_layers=True,
     ),
     ("moe", "1b"): dict(
         vocab_size=50304, d_model=2048, n_layers=16, n_heads=16, ffn_base=1536, max_seq_len=4096,
-        num_experts=64, top_k=8, dtype="bfloat16", remat="save_dots", scan_layers=True,
+        num_experts=64, top_k=8, dtype="bfloat16", remat="save_dots_no_batch",
+        scan_layers=True,
     ),
 }  # fmt: skip
 """(family, size) -> the model's fields, and ``ffn_base``: the FFN (or expert) width

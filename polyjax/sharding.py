@@ -30,6 +30,7 @@ BATCH_AXES = ("data", "fsdp", "expert")
 
 DEFAULT_RULES: Rules = (
     ("batch", BATCH_AXES),
+    ("batch_no_expert", ("data", "fsdp")),
     ("length", None),
     ("act_embed", None),
     ("embed", "fsdp"),
@@ -42,7 +43,8 @@ DEFAULT_RULES: Rules = (
 )
 """Logical axis -> mesh axes: FSDP shards the model width, tensor parallelism the
 FFN width, heads and vocabulary, expert parallelism the experts; the batch is
-split over every mesh axis but ``tensor``."""
+split over every mesh axis but ``tensor``, and in tensors that also have an expert
+dimension (the MoE capacity buffers) over those but ``expert`` too."""
 
 
 def make_mesh(shape: Mapping[str, int], devices: Sequence[jax.Device] | None = None) -> Mesh:
@@ -122,6 +124,10 @@ class ActivationSharding:
     def __call__(self, x: Array, axes: tuple[str | None, ...]) -> Array:
         sharding = NamedSharding(self.mesh, logical_to_spec(axes, self.rules))
         return jax.lax.with_sharding_constraint(x, sharding)
+
+    def mesh_axes(self, logical: str) -> tuple[str, ...]:
+        """The mesh axes the logical axis ``logical`` is split over (for ``shard_map``)."""
+        return _rules_dict(self.rules).get(logical, ())
 
 
 def model_shardings(model_or_state, mesh: Mesh, rules: Rules = DEFAULT_RULES) -> nnx.State:

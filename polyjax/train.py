@@ -30,12 +30,12 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from polyjax import checkpoint as ckpt
+from polyjax import data, nonfinite, optim
 from polyjax import metrics as mx
-from polyjax import nonfinite, optim
 from polyjax import sharding as shd
 from polyjax import workdir as wd
 from polyjax.config import Spec, checked_input
-from polyjax.data import make_pipeline, validate
+from polyjax.data import make_pipeline
 from polyjax.model import flops_per_token
 
 Batch = Mapping[str, jax.Array]
@@ -235,19 +235,26 @@ def make_steps(spec: Spec, model: nnx.Module) -> Steps:
 # The run.
 
 
-def check_inputs(spec: Spec, workdir: str | os.PathLike, verify: bool = True) -> ckpt.Resume:
-    """The checks that read little and write nothing, cheapest first: the data (its
-    files, tokenizer and stores, the vocabulary against the model's; no tokenising),
-    the workdir's lock, then its checkpoints (compatible with ``spec``; the newest
-    intact one, checksummed in full with ``verify``). ValueError: one line naming
-    the field or path and the fix. Returns where the run resumes."""
-    validate(
+def check_data(spec: Spec) -> data.Checked:
+    """``polyjax.data.validate`` of the run's data against its model: the files, the
+    tokenizer and the stores' metadata (the vocabulary before any tokenising), nothing
+    tokenised or written. ValueError: one line naming the path and the fix."""
+    return data.validate(
         spec.data,
         model_vocab_size=spec.model.vocab_size,
         max_seq_len=spec.model.max_seq_len,
         process_index=jax.process_index(),
         process_count=jax.process_count(),
     )
+
+
+def check_inputs(spec: Spec, workdir: str | os.PathLike, verify: bool = True) -> ckpt.Resume:
+    """The checks that read little and write nothing, cheapest first: the data
+    (``check_data``), the workdir's lock, then its checkpoints (compatible with
+    ``spec``; the newest intact one, checksummed in full with ``verify``).
+    ValueError: one line naming the field or path and the fix. Returns where the
+    run resumes."""
+    check_data(spec)
     wd.check(workdir)
     return ckpt.find_resume(workdir, spec.config, full=verify)
 

@@ -37,6 +37,13 @@ def test_cpu_size_is_the_small_model_narrowed():
     assert (cpu["train"]["steps"], cpu["train"]["eval_every"]) == (300, 50)
 
 
+@pytest.mark.parametrize("family", ["dense", "moe"])
+def test_1b_reads_a_token_store_and_its_tokenizer(family):
+    data = FAMILIES[family].get_config("size=1b").data
+    store = data.source.removeprefix("tokens:")
+    assert data.source.startswith("tokens:") and data.tokenizer == f"{store}/tokenizer.json"
+
+
 def test_unknown_size():
     with pytest.raises(ValueError, match="size"):
         dense.get_config("size=7b")

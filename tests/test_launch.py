@@ -54,8 +54,14 @@ def test_bad_flags_are_one_line(launch_py, args, fragments):
 
 
 def test_dry_run_prints_counts_and_the_plan_of_every_parameter(launch_py, tiny, tmp_path):
-    result = launch_py(*tiny.argv(**RUN), f"--workdir={tmp_path / 'run'}", "--dry_run")
+    argv = [*tiny.argv(**RUN), f"--workdir={tmp_path / 'run'}", "--dry_run"]
+    result = launch_py(*argv, "--device_memory_gb=80")
     assert result.code == 0, result.err
+    memory = result.out.split("memory per device")[1]
+    for row in ("parameters", "optimizer state", "temporaries", "total"):
+        assert f"  {row} " in memory
+    assert "(given): fits" in memory  # a tiny model in 80 GB
+    assert "data: shakespeare: " in result.out
     model = Transformer(tiny.spec().model, rngs=nnx.Rngs(0))  # allocated: counted for real
     params = nnx.to_flat_state(nnx.state(model, nnx.Param))
     total = sum(int(np.prod(v.get_value().shape)) for _, v in params)
@@ -89,8 +95,9 @@ def test_overrides_are_typed_by_the_field(launch_py, tiny):
         "--config.optim.mu_dtype=bfloat16",
         "--config.model.n_kv_heads=2",
     ]
-    result = launch_py(*tiny.argv(**RUN), *overrides, "--dry_run")
+    result = launch_py(*tiny.argv(**RUN), *overrides, "--dry_run", "--nomemory_plan")
     assert result.code == 0, result.err
+    assert "memory per device" not in result.out
     cfg = launch.CONFIG.value
     assert cfg.train.async_checkpoint is False and cfg.optim.lr == 2.0
     assert isinstance(cfg.optim.lr, float) and cfg.optim.mu_dtype == "bfloat16"
@@ -114,8 +121,24 @@ def test_distributed_flags_go_together(launch_py, tiny):
 
 def test_parsing_again_forgets_the_last_overrides(launch_py, tiny):
     """absl's flags are global: a second command line starts from scratch."""
-    assert launch_py(*tiny.argv(**RUN), "--config.optim.lr=0.5", "--dry_run").code == 0
-    assert launch_py(*tiny.argv(**RUN), "--dry_run").code == 0
+    dry = ("--dry_run", "--nomemory_plan")
+    assert launch_py(*tiny.argv(**RUN), "--config.optim.lr=0.5", *dry).code == 0
+    assert launch_py(*tiny.argv(**RUN), *dry).code == 0
     assert launch.CONFIG.value.optim.lr == tiny.config(**RUN).optim.lr != 0.5
     assert "config.optim.lr" not in launch.FLAGS
     assert jax.device_count() == 8  # no process group was started
+
+
+@pytest.mark.parametrize("family", ["dense", "moe"])
+def test_1b_configs_name_a_token_store_to_fill_in(launch_py, family, tmp_path):
+    """The 1B configs read a pre-tokenised store (placeholder paths): the dry run
+    works without it and says so; a run stops in one line naming the pretokenize
+    command, before anything is written."""
+    config = f"--config={ROOT}/configs/{family}.py:size=1b"
+    dry = launch_py(config, "--dry_run", "--nomemory_plan")
+    assert dry.code == 0, dry.err
+    assert "data: NOT READY" in dry.out and "python -m polyjax.data.pretokenize" in dry.out
+    launch_py(config, f"--workdir={tmp_path / 'run'}").error(
+        "/path/to/tokens is not a token store", "python -m polyjax.data.pretokenize"
+    )
+    assert not (tmp_path / "run").exists()

@@ -10,7 +10,14 @@ import pytest
 from flax import nnx
 
 from polyjax import layers
-from polyjax.model import ModelConfig, MoEConfig, Transformer, param_counts, preset
+from polyjax.model import (
+    REMAT_POLICIES,
+    ModelConfig,
+    MoEConfig,
+    Transformer,
+    param_counts,
+    preset,
+)
 
 
 def tiny(**kw) -> ModelConfig:
@@ -149,10 +156,35 @@ def test_scan_over_layers_equals_python_loop(moe):
 def test_remat_policies_give_the_same_gradients():
     tok = tokens()
     _, _, ref = _grads(Transformer(tiny(), rngs=nnx.Rngs(0)), tok)
-    for policy in ("full", "save_dots", "save_dots_no_batch"):
+    for policy in [p for p in REMAT_POLICIES if p != "none"]:
         _, _, g = _grads(Transformer(tiny(remat=policy), rngs=nnx.Rngs(0)), tok)
         for a, b in zip(jax.tree.leaves(ref), jax.tree.leaves(g), strict=True):
             np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7)
+
+
+def _temp_bytes(cfg: ModelConfig, batch: int = 8) -> int:
+    """XLA's temporaries (bytes) of the compiled gradient of the loss, from shapes."""
+    model = nnx.eval_shape(lambda: Transformer(cfg, rngs=nnx.Rngs(0)))
+    graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+
+    def loss(params, tok):
+        logits, _ = nnx.merge(graphdef, params, rest)(tok)
+        return jnp.mean(jax.nn.logsumexp(logits, axis=-1))
+
+    tok = jax.ShapeDtypeStruct((batch, cfg.max_seq_len), jnp.int32)
+    compiled = jax.jit(jax.grad(loss)).lower(params, tok).compile()
+    return compiled.memory_analysis().temp_size_in_bytes
+
+
+@pytest.mark.parametrize("scan", [False, True], ids=["loop", "scan"])
+def test_remat_saves_memory_with_and_without_scan(scan):
+    """Recomputing the layers in the backward pass needs fewer bytes of temporaries
+    (XLA's memory_analysis of the compiled gradient) than keeping every activation,
+    for the Python loop over layers as for the scan."""
+    size = dict(d_model=64, d_ff=256, n_layers=4, max_seq_len=128, scan_layers=scan)
+    none = _temp_bytes(tiny(**size))
+    for policy in ("full", "save_ffn_in"):
+        assert _temp_bytes(tiny(remat=policy, **size)) < 0.8 * none, policy
 
 
 def test_bf16_compute_fp32_params_close_to_fp32():
@@ -205,7 +237,7 @@ def test_presets_build_and_give_paper_widths():
         ({"d_modle": 32}, "unknown model key.*'d_modle'.*valid: vocab_size"),
         ({"n_heads": 5}, "n_heads=5: must divide d_model=32"),
         ({"n_kv_heads": 3}, "n_kv_heads=3: must divide n_heads=4"),
-        ({"remat": "some"}, "remat='some': must be one of none, full, save_dots"),
+        ({"remat": "some"}, "remat='some': must be one of none, full, save_ffn_in"),
         ({"dtype": "fp8"}, "dtype='fp8'"),
         ({"d_ff": None}, "d_ff=None: must be an integer"),
         ({"moe": {"num_experts": 4, "top_k": 5}}, "moe.top_k=5: must be <= moe.num_experts=4"),

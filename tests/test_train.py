@@ -1,5 +1,7 @@
 """The trainer: loss, gradient accumulation, bitwise resume, two processes."""
 
+import collections
+import contextlib
 import json
 import math
 import os
@@ -76,9 +78,29 @@ def test_steps_build_from_an_abstract_model(tiny):
     assert steps.train.lower(state, batch).as_text()  # lowers without any array
 
 
+@contextlib.contextmanager
+def compiles():
+    """A Counter of the XLA compilations (by function name) made inside."""
+    counts = collections.Counter()
+
+    def listen(event, duration, **kwargs):
+        if event == "/jax/core/compile/backend_compile_duration":
+            counts[kwargs.get("fun_name")] += 1
+
+    jax.monitoring.register_event_duration_secs_listener(listen)
+    try:
+        yield counts
+    finally:
+        jax.monitoring.unregister_event_duration_listener(listen)
+
+
 def test_loss_decreases_and_state_is_checkpointed(tmp_path, tiny):
+    """... and each step compiles once: step 2 reuses step 1's executable (a state
+    whose types, shardings or trace context changed after step 1 would compile again)."""
     spec = tiny.spec(**RUN, **{"optim.lr": 3e-3})
-    out = train.train(spec, tmp_path)
+    with compiles() as counts:
+        out = train.train(spec, tmp_path)
+    assert counts["jit(train_step)"] == 1 and counts["jit(eval_step)"] == 1, counts
     curve = [loss for _, loss in losses(tmp_path)]
     assert [s for s, _ in losses(tmp_path)] == list(range(1, 7))
     assert curve[-1] < curve[0]

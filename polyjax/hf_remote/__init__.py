@@ -1,0 +1,1 @@
+"""Files shipped inside Hugging Face exports (read as data, never imported by polyjax)."""
