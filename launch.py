@@ -428,16 +428,5 @@ def _parse_or_exit(argv: list[str]) -> list[str]:
         sys.exit(_usage_error(e))
 
 
-def _main_and_exit(argv: Sequence[str]) -> int:
-    """``main``; after a failed save, exit at once: Orbax's threads of that save wait
-    (5 minutes) for signals that never come, and would hold the process."""
-    code = main(argv)
-    if code == SAVE_EXIT:
-        sys.stdout.flush()
-        sys.stderr.flush()
-        os._exit(code)
-    return code
-
-
 if __name__ == "__main__":
-    app.run(_main_and_exit, flags_parser=_parse_or_exit)
+    app.run(main, flags_parser=_parse_or_exit)

@@ -24,6 +24,7 @@ the step it is at and stop (``PreemptionError``); a second signal aborts at once
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import signal
@@ -39,6 +40,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 from etils import epath
 from jax.experimental import multihost_utils
+from orbax.checkpoint._src.futures import future as ocp_future
 
 from polyjax import workdir as wd
 
@@ -295,6 +297,17 @@ def _agreed(ok: bool) -> bool:
     return bool(multihost_utils.process_allgather(np.array([ok], np.int32)).all())
 
 
+def _release_orbax_waiters() -> None:
+    """After a failed save, Orbax's threads that wait for a signal of that save (e.g.
+    the step directory's creation, which failed) would wait 5 minutes, holding the
+    process at exit: cancel them and send their signals (Orbax internals; best effort)."""
+    with contextlib.suppress(Exception):
+        for thread in threading.enumerate():
+            if isinstance(thread, ocp_future._SignalingThread) and thread.is_alive():
+                thread._cancelled = True
+                ocp_future.set_signals(thread._receive_signals, operation_id=thread._operation_id)
+
+
 class SaveError(RuntimeError):
     """A checkpoint could not be written; ``str()`` is one line naming the path and
     the cause. The checkpoints saved before it are intact."""
@@ -382,6 +395,7 @@ class Checkpointer:
                 write_marker(self.root / str(step), step)
         except Exception as e:  # reported by check() / finish() on the loop's thread
             self.error = f"could not save checkpoint {step} in {self.root}: {_one_line(e)}"
+            _release_orbax_waiters()
 
     def check(self, boundary: bool = True) -> None:
         """Raise the ``SaveError`` of a failed save; on several processes, agreed (an

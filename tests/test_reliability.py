@@ -260,6 +260,11 @@ def test_a_failed_save_is_one_line_and_the_checkpoints_before_it_stay(
     for step in (3, 6):
         assert files(work, step) == files(trained.path, step)
     assert not (work / wd.LOCK).exists()
+    # Orbax's threads of the failed save are released (else they hold the exit 5 minutes)
+    waiting = [t for t in threading.enumerate() if type(t).__name__ == "_SignalingThread"]
+    for t in waiting:
+        t.join(timeout=10)
+    assert not [t for t in waiting if t.is_alive()]
 
 
 def test_integrity_scan_and_keep_last_k(tmp_path):
