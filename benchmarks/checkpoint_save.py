@@ -7,6 +7,7 @@ checksums) should happen in the background, within the gap.
 
     python benchmarks/checkpoint_save.py --size tiny
     python benchmarks/checkpoint_save.py --size small --saves 6
+    python benchmarks/checkpoint_save.py --size small --set model.d_model=1024 --set model.d_ff=3072
 
 The script uses only ``Checkpointer(workdir, every=, keep=, async_save=)``,
 ``save(step, state, data_state, config)`` and ``close()``, so it runs against older
@@ -35,9 +36,18 @@ def main() -> None:
     parser.add_argument("--size", default="tiny", help="configs/dense.py size")
     parser.add_argument("--saves", type=int, default=8)
     parser.add_argument("--gap", type=float, default=1.0, help="seconds between saves")
+    parser.add_argument("--set", action="append", default=[], help="field=int: model.d_model=1024")
     args = parser.parse_args()
 
-    spec = Spec.from_config(dense.get_config(f"size={args.size}"))
+    config = dense.get_config(f"size={args.size}")
+    for item in args.set:
+        field, _, value = item.partition("=")
+        *parents, leaf = field.split(".")
+        section = config
+        for name in parents:
+            section = section[name]
+        section[leaf] = int(value)
+    spec = Spec.from_config(config)
     model = shd.create_model(spec.model, spec.mesh, spec.rules, 0)
     state = train.make_steps(spec, model).init(*nnx.split(model, nnx.Param, ...)[1:])
     mib = sum(x.nbytes for x in jax.tree.leaves(state)) / 2**20
@@ -53,7 +63,7 @@ def main() -> None:
         saver.close()
         closing = time.perf_counter() - start
     print(
-        f"size={args.size} state {mib:.1f} MiB on {jax.device_count()} "
+        f"size={args.size} {' '.join(args.set)} state {mib:.1f} MiB on {jax.device_count()} "
         f"{jax.devices()[0].platform} device(s), {args.saves} saves {args.gap:g} s apart: "
         f"the loop blocked {statistics.median(blocked[1:]) * 1e3:.1f} ms per save "
         f"(median of saves 2..{args.saves}; first {blocked[0] * 1e3:.0f} ms), "
