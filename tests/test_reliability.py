@@ -74,12 +74,15 @@ def _wait_for(path, proc, timeout=120):
     assert path.exists(), f"{path} never appeared"
 
 
+FIRST = 40  # the first checkpoint's step in the kill test
+
+
 def _kill_after_first_checkpoint(proc, workdir, signum, seed, go):
     go.wait()
-    first = step_dir(workdir, 20)
+    first = step_dir(workdir, FIRST)
     while not first.is_dir() and proc.poll() is None:
         time.sleep(0.02)
-    time.sleep(random.Random(seed).uniform(0.0, 0.5))
+    time.sleep(random.Random(seed).uniform(0.0, 0.3))
     proc.send_signal(signum)
 
 
@@ -91,7 +94,9 @@ def test_killed_runs_resume_to_the_same_result(tmp_path, tiny, launch_py, compil
     stopped and exits 143 with the command that resumes. While they run, a second
     launch on their workdir is refused naming them; after a SIGKILL, the relaunch
     takes over the dead run's lock."""
-    run = {"train.steps": 80, "train.checkpoint_every": 20, "train.keep_checkpoints": 2}
+    # Saves do not block the loop: at least 4 x FIRST steps and 3 saves follow the first
+    # checkpoint's appearance, so the signal lands before the end.
+    run = {"train.steps": 6 * FIRST, "train.checkpoint_every": FIRST, "train.keep_checkpoints": 2}
     seed = random.randrange(1 << 30)
     cuts = {signum: tmp_path / signum.name for signum in (signal.SIGKILL, signal.SIGTERM)}
     procs = {signum: _launch(argv(tiny, workdir, **run)) for signum, workdir in cuts.items()}
@@ -117,7 +122,7 @@ def test_killed_runs_resume_to_the_same_result(tmp_path, tiny, launch_py, compil
             p.kill()
         for k in killers:
             k.join()
-    expected = saved_state(tmp_path / "full", 80)
+    expected = saved_state(tmp_path / "full", 6 * FIRST)
     for signum, workdir in cuts.items():
         err = errs[signum]
         context = f"{signum.name}, seed {seed}: {err[-3000:]}"
@@ -125,7 +130,7 @@ def test_killed_runs_resume_to_the_same_result(tmp_path, tiny, launch_py, compil
         assert code == (-signal.SIGKILL if signum == signal.SIGKILL else 143), context
         logged = losses(workdir)[-1][0]
         resume = ckpt.latest(workdir)[0]
-        assert 20 <= resume <= logged < run["train.steps"], context
+        assert FIRST <= resume <= logged < run["train.steps"], context
         if signum == signal.SIGTERM:
             assert resume == logged, context  # no step lost
             assert f"stopped by SIGTERM at step {logged}" in err, context
@@ -137,7 +142,7 @@ def test_killed_runs_resume_to_the_same_result(tmp_path, tiny, launch_py, compil
             stale = f"process {procs[signum].pid} on"
             assert "took over the stale lock" in relaunched.err and stale in relaunched.err
         assert losses(workdir) == losses(tmp_path / "full"), context
-        assert_same_state(saved_state(workdir, 80), expected)
+        assert_same_state(saved_state(workdir, 6 * FIRST), expected)
 
 
 def test_every_damaged_file_of_the_newest_checkpoint_sends_the_run_back(
