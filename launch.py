@@ -12,11 +12,14 @@
 Flags are absl's; ``--config path.py[:arg]`` and its typed overrides
 ``--config.<field>=<value>`` are ml_collections' ``config_flags``. Bad input (an
 unknown flag or field, a value of the wrong type or range, an unknown activation,
-an impossible mesh, a workdir holding another config's checkpoints or only torn
-ones) is one line on stderr and exit status 2, before anything compiles.
-SIGTERM/SIGINT: the run saves a checkpoint at the step it stopped, prints the
-command that resumes it and exits with 143/130. Non-finite values that stop the
-run (``train.nonfinite``): a report on stderr and exit status 3.
+an impossible mesh, missing or unreadable data, a tokenizer larger than the model's
+vocabulary, a workdir in use by another run or holding another config's checkpoints
+or only damaged ones) is one line on stderr and exit status 2, before anything
+compiles or is written. SIGTERM/SIGINT: the run saves a checkpoint at the step it
+stopped, prints the command that resumes it and exits with 143/130. Non-finite
+values that stop the run (``train.nonfinite``): a report on stderr and exit status
+3. A checkpoint that cannot be saved (read-only or full disk): one line naming the
+path and the cause, exit status 4; the checkpoints before it are intact.
 
 Each mode is a function of the parsed flags that returns the exit status
 (``MODES``, by the flag that selects it); without a mode flag, ``train_mode``.
@@ -27,11 +30,13 @@ from __future__ import annotations
 import contextlib
 import difflib
 import itertools
+import logging
 import os
 import pathlib
 import re
 import shlex
 import sys
+import warnings
 from collections.abc import Sequence
 
 import jax
@@ -42,14 +47,15 @@ from ml_collections import config_flags
 
 from experiments import run as experiments
 from polyjax import checkpoint as ckpt
-from polyjax import data, memory, nonfinite, train
+from polyjax import memory, nonfinite, train
 from polyjax import sharding as shd
-from polyjax.config import Spec
+from polyjax import workdir as wd
+from polyjax.config import InputError, Spec
 from polyjax.model import flops_per_token, param_counts
 
 DEFAULT_CONFIG = str(pathlib.Path(__file__).resolve().parent / "configs" / "default.py")
 POD_ENV = ("JAX_COORDINATOR_ADDRESS", "TPU_WORKER_HOSTNAMES", "MEGASCALE_COORDINATOR_ADDRESS")
-USAGE_EXIT, NONFINITE_EXIT = 2, 3
+USAGE_EXIT, NONFINITE_EXIT, SAVE_EXIT = 2, 3, 4
 
 # The command line config_flags reads the --config.<field> overrides from: set by
 # ``parse_flags`` before each parse (it would read sys.argv otherwise).
@@ -211,7 +217,8 @@ def sweep_points() -> list[tuple[ml_collections.ConfigDict, pathlib.Path]]:
     the config that adding ``--config.<field>=<value>`` gives, in the workdir
     ``<workdir>/<field>=<value>`` (default workdir: runs/<config name>)."""
     base = CONFIG.value
-    root = pathlib.Path(WORKDIR.value or pathlib.Path("runs") / base.name)
+    given = WORKDIR.value or str(pathlib.Path("runs") / base.name)
+    root = wd.path(given) if wd.is_remote(given) else pathlib.Path(given)  # gs://... kept
     axes = []
     for sweep in SWEEP.value:
         field, sep, values = sweep.partition("=")
@@ -237,12 +244,16 @@ def train_mode() -> int:
     """Train each point of the sweep (one without) in its workdir."""
     with bad_input():
         runs = [(Spec.from_config(cfg), workdir) for cfg, workdir in sweep_points()]
-        for spec, workdir in runs:  # refuse a workdir of another config, or only torn steps
-            ckpt.resume_step(workdir, spec.config)
-            check_data(spec)  # and data that is missing or does not match the model
+        for spec, workdir in runs:  # every point's cheap checks before the first trains
+            train.check_inputs(spec, workdir, verify=False)
     for spec, workdir in runs:
         try:
             train.train(spec, workdir)
+        except InputError as e:
+            return _usage_error(e)
+        except ckpt.SaveError as e:
+            print(f"launch.py: {e}", file=sys.stderr, flush=True)
+            return SAVE_EXIT
         except ckpt.PreemptionError as e:
             launcher = str(pathlib.Path(__file__).absolute())
             command = shlex.join([sys.executable, launcher, *_COMMAND[1:]])
@@ -277,23 +288,11 @@ def plan(spec: Spec) -> str:
     )
 
 
-def check_data(spec: Spec) -> data.Checked:
-    """``polyjax.data.validate`` of the run's data against its model: metadata and
-    tokenizer files only, nothing tokenised or written (a ValueError naming the fix)."""
-    return data.validate(
-        spec.data,
-        model_vocab_size=spec.model.vocab_size,
-        max_seq_len=spec.model.max_seq_len,
-        process_index=jax.process_index(),
-        process_count=jax.process_count(),
-    )
-
-
 def data_note(spec: Spec) -> str:
-    """One line on the run's data, from ``check_data``: what it found, or why the
-    run would stop (a dry run goes on without the data)."""
+    """One line on the run's data, from ``train.check_data``: what it found, or why
+    the run would stop (a dry run goes on without the data)."""
     try:
-        checked = check_data(spec)
+        checked = train.check_data(spec)
     except ValueError as e:
         return f"data: NOT READY (a run would stop here): {e}"
     if checked.store_tokens is not None:
@@ -400,8 +399,12 @@ MODES = {
 
 def main(argv: Sequence[str]) -> int:
     """Run the mode the parsed flags select; bad input is one line and exit 2."""
-    if not FLAGS["verbosity"].present:  # absl turns on INFO after parsing: Orbax's chatter
-        absl_logging.set_verbosity(absl_logging.WARNING)
+    if not FLAGS["verbosity"].present:  # Orbax logs through absl, from its save threads too:
+        # its errors reach the user as launch.py's one line (--verbosity=-1 shows them)
+        absl_logging.set_verbosity(absl_logging.FATAL)
+        logging.getLogger("asyncio").setLevel(logging.CRITICAL)
+        sys.unraisablehook = _quiet_closed_loops
+        warnings.filterwarnings("ignore", "coroutine .* was never awaited", RuntimeWarning)
     try:
         if len(argv) > 1:
             raise app.UsageError(f"unexpected argument {argv[1]!r}")
@@ -412,6 +415,14 @@ def main(argv: Sequence[str]) -> int:
         return MODES[chosen[0]]() if chosen else train_mode()
     except app.UsageError as e:
         return _usage_error(e)
+
+
+def _quiet_closed_loops(unraisable) -> None:
+    """After a failed save, TensorStore's callbacks find Orbax's event loop closed (and
+    its coroutines are left unawaited): not worth a traceback each, the save's error
+    is reported."""
+    if not str(unraisable.exc_value).startswith("Event loop is closed"):
+        sys.__unraisablehook__(unraisable)
 
 
 def _usage_error(e: Exception) -> int:

@@ -1,22 +1,22 @@
 """Checkpoints, and what a run survives: Orbax ``CheckpointManager`` under
-``workdir/checkpoints``, resuming, torn checkpoints, preemption signals.
+``workdir/checkpoints`` (any ``epath``: a local directory or ``gs://...``), verified
+saves and restores, damaged checkpoints, preemption signals.
 
 One checkpoint holds three items, written together:
   state   the train state (params, optimizer state, step, other model state)
   data    the data iterators' states (JSON, one per process)
   config  the run's config (JSON)
-A run resumes from the newest good checkpoint of its workdir (``prepare_workdir``);
-``check_compatible`` refuses a workdir whose checkpoints belong to a config with
-other shapes.
 
-Integrity: Orbax writes a step into a temporary directory and renames it when
-complete, so an interrupted save never counts. Once a save has finished, the
-primary process adds ``MARKER`` to the step directory: the step, the config's
-SHA-256, and every file's size and CRC-32. ``scan`` checks each step against its
-marker (a step without one, saved just before a kill, is checked for its items
-only); a torn or corrupt step is skipped and later set aside as
-``<step>.corrupt``, never deleted. Old steps are deleted (keep-last-K) only after
-a newer one is complete and marked.
+A checkpoint counts only once verified. Orbax commits a step atomically (a temporary
+directory renamed, or its commit file on a bucket); then, as part of the same save and
+in the same background thread (``Checkpointer._complete``, off the training loop),
+process 0 writes ``MARKER``: the step and every file's size and CRC-32. A step without
+a marker (a save killed before it) does not count. Resuming (``find_resume``) checks
+the newest step's files against its marker in full, then ``restore_newest`` restores
+it and refuses a state holding a NaN or Inf; any mismatch falls back to the previous
+step, and the damaged ones are set aside as ``<step>.corrupt`` with a warning, never
+deleted. Old steps are deleted (keep-last-K) only after a newer one is marked. A save
+that fails (a read-only or full disk) is a ``SaveError`` at the next step boundary.
 
 Preemption: within ``with StopSignals()``, SIGTERM/SIGINT ask the loop to save
 the step it is at and stop (``PreemptionError``); a second signal aborts at once.
@@ -24,21 +24,25 @@ the step it is at and stop (``PreemptionError``); a second signal aborts at once
 
 from __future__ import annotations
 
-import hashlib
+import contextlib
+import dataclasses
 import json
-import pathlib
 import signal
 import sys
 import threading
 import zlib
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
+from etils import epath
 from jax.experimental import multihost_utils
+from orbax.checkpoint._src.futures import future as ocp_future
+
+from polyjax import workdir as wd
 
 # Fields that may change between a checkpoint and its resumption: they change how
 # the model computes, not what is stored. Every other model field must match.
@@ -48,8 +52,8 @@ MARKER = "polyjax_integrity.json"
 ITEMS = ("state", "data", "config")
 
 
-def directory(workdir: str | pathlib.Path) -> pathlib.Path:
-    return pathlib.Path(workdir).absolute() / "checkpoints"
+def directory(workdir: str | epath.PathLike) -> epath.Path:
+    return wd.path(workdir) / "checkpoints"
 
 
 def _flatten(d: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
@@ -84,7 +88,26 @@ def check_compatible(saved: Mapping[str, Any], current: Mapping[str, Any], where
             )
 
 
-def _crc32(path: pathlib.Path) -> int:
+def _one_line(e: BaseException) -> str:
+    """The innermost cause of ``e``, in one short line."""
+    while e.__cause__ or e.__context__:
+        e = e.__cause__ or e.__context__
+    text = " ".join((str(e) or type(e).__name__).split()).split(" [tensorstore_spec")[0]
+    return text if len(text) <= 300 else f"{text[:120]} ... {text[-170:]}"  # the OS error last
+
+
+def _files(step_dir: epath.Path, prefix: str = "") -> dict[str, epath.Path]:
+    """Every file under ``step_dir`` but the marker, by its relative path."""
+    out = {}
+    for p in sorted(step_dir.iterdir(), key=lambda p: p.name):
+        if p.is_dir():
+            out.update(_files(p, f"{prefix}{p.name}/"))
+        elif p.name != MARKER:
+            out[prefix + p.name] = p
+    return out
+
+
+def _crc32(path: epath.Path) -> int:
     crc = 0
     with path.open("rb") as f:
         while chunk := f.read(1 << 22):
@@ -92,63 +115,54 @@ def _crc32(path: pathlib.Path) -> int:
     return crc
 
 
-def _files(step_dir: pathlib.Path) -> dict[str, list[int]]:
-    """Every file under ``step_dir`` but the marker: relative path -> [size, crc32]."""
-    return {
-        str(p.relative_to(step_dir)): [p.stat().st_size, _crc32(p)]
-        for p in sorted(step_dir.rglob("*"))
-        if p.is_file() and p.name != MARKER
-    }
+def write_marker(step_dir: epath.Path, step: int) -> None:
+    """Record the committed step's files: sizes and CRC-32s (written to a temporary
+    name and renamed on a local disk; one write on a bucket)."""
+    files = {rel: [p.stat().length, _crc32(p)] for rel, p in _files(step_dir).items()}
+    text = json.dumps({"step": step, "files": files})
+    if wd.is_remote(step_dir):
+        (step_dir / MARKER).write_text(text)
+    else:
+        tmp = step_dir / (MARKER + ".tmp")
+        tmp.write_text(text)
+        tmp.rename(step_dir / MARKER)
 
 
-def config_digest(config: Mapping[str, Any]) -> str:
-    return hashlib.sha256(json.dumps(config, sort_keys=True).encode()).hexdigest()
-
-
-def write_marker(step_dir: pathlib.Path, step: int, config: Mapping[str, Any]) -> None:
-    """Record the complete step's files (written to a temporary name, then renamed)."""
-    marker = {"step": step, "config_sha256": config_digest(config), "files": _files(step_dir)}
-    tmp = step_dir / (MARKER + ".tmp")
-    tmp.write_text(json.dumps(marker))
-    tmp.rename(step_dir / MARKER)
-
-
-def check_step(step_dir: pathlib.Path, step: int) -> tuple[dict[str, Any] | None, str]:
-    """(the step's config, "") if it is intact, else (None, what is wrong). Files only."""
+def check_step(step_dir: epath.Path, step: int, full: bool = True) -> tuple[dict | None, str]:
+    """(the step's config, "") if its files match its marker (sizes; with ``full``,
+    CRC-32s too), else (None, what is wrong). Reads files only."""
     try:
-        config = json.loads((step_dir / "config" / "metadata").read_text())
-    except (OSError, ValueError) as e:
-        return None, f"config unreadable ({type(e).__name__})"
-    marker_path = step_dir / MARKER
-    if not marker_path.exists():
-        missing = [item for item in ITEMS if not (step_dir / item).is_dir()]
-        return (None, f"item(s) {missing} missing") if missing else (config, "")
-    try:
-        marker = json.loads(marker_path.read_text())
-        expected, digest = marker["files"], marker["config_sha256"]
+        marker = json.loads((step_dir / MARKER).read_text())
+        expected = dict(marker["files"])
+    except FileNotFoundError:
+        return None, "no integrity marker: its save did not finish"
     except (OSError, ValueError, KeyError, TypeError):
         return None, "integrity marker unreadable"
-    if marker.get("step") != step or digest != config_digest(config):
-        return None, "integrity marker does not match the step or its config"
+    if marker.get("step") != step:
+        return None, "integrity marker does not match the step"
+    found = _files(step_dir)
     for rel, (size, crc) in expected.items():
-        path = step_dir / rel
-        if not path.is_file():
+        if rel not in found:
             return None, f"{rel} missing"
-        if path.stat().st_size != size:
-            return None, f"{rel} truncated or resized ({path.stat().st_size} != {size} bytes)"
-        if _crc32(path) != crc:
+        actual = found[rel].stat().length
+        if actual != size:
+            return None, f"{rel} truncated or resized ({actual} != {size} bytes)"
+        if full and _crc32(found[rel]) != crc:
             return None, f"{rel} corrupt (checksum mismatch)"
-    return config, ""
+    try:
+        return json.loads((step_dir / "config" / "metadata").read_text()), ""
+    except (OSError, ValueError):
+        return None, "config/metadata unreadable"
 
 
-def scan(workdir: str | pathlib.Path) -> tuple[list[tuple[int, dict]], list[tuple[int, str]]]:
-    """(good, bad) finalized steps, newest first: (step, config) and (step, why).
-    Reads files only (no collective), touches nothing."""
+def scan(workdir: str | epath.PathLike, full: bool = False):
+    """(good, bad) committed steps, newest first: (step, config) and (step, why),
+    checked against their markers (sizes; with ``full``, checksums). Touches nothing."""
     root = directory(workdir)
     steps = ocp.path.step.checkpoint_steps(root) if root.is_dir() else []
     good, bad = [], []
     for step in sorted(steps, reverse=True):
-        config, why = check_step(root / str(step), step)
+        config, why = check_step(root / str(step), step, full)
         if config is None:
             bad.append((step, why))
         else:
@@ -156,65 +170,155 @@ def scan(workdir: str | pathlib.Path) -> tuple[list[tuple[int, dict]], list[tupl
     return good, bad
 
 
-def latest(workdir: str | pathlib.Path) -> tuple[int, dict[str, Any]] | None:
-    """The newest intact checkpoint's step and config, or None when there are no
-    checkpoints. Raises ValueError (nothing touched) when checkpoints exist but
-    none is intact. Reads files only, so processes may call it at any moment."""
+@dataclasses.dataclass
+class Resume:
+    """Where a run resumes: ``step`` (None: a fresh run) with its ``config``, and the
+    damaged steps found on the way (``bad``: (step, why), to set aside)."""
+
+    step: int | None
+    config: dict | None
+    bad: list[tuple[int, str]]
+
+
+def find_resume(
+    workdir: str | epath.PathLike,
+    config: Mapping[str, Any] | None = None,
+    *,
+    full: bool = True,
+    exclude: Sequence[int] = (),
+) -> Resume:
+    """The newest step whose files match its marker (checksummed in full, newest first,
+    with ``full``), skipping ``exclude``. ValueError (one line, nothing touched) when
+    checkpoints exist but none is intact, when they belong to a config incompatible
+    with ``config``, or when another process count cannot resume them. Reads only."""
     good, bad = scan(workdir)
-    if bad and not good:
+    bad = [b for b in bad if b[0] not in exclude]
+    root = directory(workdir)
+    for step, saved in good:
+        if step in exclude:
+            continue
+        if full:
+            saved, why = check_step(root / str(step), step, full=True)
+            if saved is None:
+                bad.append((step, why))
+                continue
+        if config is not None:
+            check_compatible(saved, config, str(wd.path(workdir)))
+            _check_process_count(root / str(step), step)
+        return Resume(step, saved, bad)
+    if bad:
         raise ValueError(
-            f"{directory(workdir)} holds no intact checkpoint (skipped: "
-            + "; ".join(f"step {s}: {why}" for s, why in bad)
+            f"{root} holds no intact checkpoint (skipped: "
+            + "; ".join(f"step {s}: {why}" for s, why in sorted(bad, reverse=True))
             + "); nothing was changed: repair or move them, or use another --workdir"
         )
-    return good[0] if good else None
+    return Resume(None, None, [])
 
 
-def resume_step(workdir: str | pathlib.Path, config: Mapping[str, Any]) -> int | None:
-    """The step to resume from: the newest intact checkpoint (None: a fresh run).
-    Refuses (ValueError, nothing touched) a workdir whose checkpoints belong to an
-    incompatible config or are all torn or corrupt. Reads files only."""
-    found = latest(workdir)
-    if found is None:
-        return None
-    step, saved = found
-    check_compatible(saved, config, str(workdir))
-    return step
+def _process_states(data: Mapping[str, Any], step: int) -> list:
+    states = data.get("process_states") if isinstance(data, Mapping) else None
+    if not isinstance(states, list) or not states:
+        raise ValueError(f"checkpoint {step} holds no data iterator state")
+    return states
 
 
-def prepare_workdir(workdir: str | pathlib.Path, config: Mapping[str, Any]) -> int | None:
-    """``resume_step``, after moving each torn or corrupt step aside (``set_aside``)
-    with a warning: the one change a run makes to its workdir before it trains."""
-    step = resume_step(workdir, config)
-    _, bad = scan(workdir)
-    if bad:
-        moved = set_aside(workdir, [s for s, _ in bad])
-        for (s, why), path in zip(bad, moved, strict=True):
-            if jax.process_index() == 0:
-                print(
-                    f"warning: checkpoint {s} is torn or corrupt ({why}); skipped it and "
-                    f"moved it to {path}; resuming from step {step}",
-                    file=sys.stderr,
-                    flush=True,
-                )
-    return step
+def _check_process_count(step_dir: epath.Path, step: int) -> None:
+    """The data iterator states are the same on every process (the next global batch),
+    so another process count resumes them; refuse states that differ."""
+    states = _process_states(json.loads((step_dir / "data" / "metadata").read_text()), step)
+    if len(states) != jax.process_count() and any(s != states[0] for s in states):
+        raise ValueError(
+            f"checkpoint {step} in {step_dir.parent} was written by {len(states)} processes "
+            f"whose data iterator states differ; resume it with --num_processes {len(states)}"
+        )
 
 
-def set_aside(workdir: str | pathlib.Path, steps: list[int]) -> list[pathlib.Path]:
-    """Rename each step's directory to ``<step>.corrupt`` (``.corrupt-N`` if taken),
-    on the primary process, then wait for every process. Returns the new paths."""
+def latest(workdir: str | epath.PathLike) -> tuple[int, dict[str, Any]] | None:
+    """The newest intact checkpoint's (step, config), checksummed in full; None when
+    there are no checkpoints; ValueError (nothing touched) when none is intact."""
+    found = find_resume(workdir)
+    return None if found.step is None else (found.step, found.config)
+
+
+def resume_step(workdir: str | epath.PathLike, config: Mapping[str, Any]) -> int | None:
+    """The step to resume from (None: a fresh run): the newest intact checkpoint,
+    checksummed in full. Refuses (ValueError, nothing touched) a workdir whose
+    checkpoints belong to an incompatible config or are all damaged. Reads only."""
+    return find_resume(workdir, config).step
+
+
+def set_aside(workdir: str | epath.PathLike, bad: Sequence[tuple[int, str]], resume=None):
+    """Rename each damaged step's directory to ``<step>.corrupt`` (``.corrupt-N`` if
+    taken) with a warning, on process 0, then wait for every process. Returns the
+    new paths."""
     root, moved = directory(workdir), []
-    for step in steps:
+    for step, why in bad:
         target, n = root / f"{step}.corrupt", 1
         while target.exists():
             n += 1
             target = root / f"{step}.corrupt-{n}"
         if jax.process_index() == 0:
             (root / str(step)).rename(target)
+            print(
+                f"warning: checkpoint {step} is damaged ({why}); skipped it and moved it to "
+                f"{target}; resuming from "
+                + (f"step {resume}" if resume is not None else "scratch"),
+                file=sys.stderr,
+                flush=True,
+            )
         moved.append(target)
     if jax.process_count() > 1:
         multihost_utils.sync_global_devices("polyjax_set_aside")
     return moved
+
+
+def prepare_workdir(workdir: str | epath.PathLike, config: Mapping[str, Any]) -> int | None:
+    """``resume_step``, after setting aside the damaged steps met on the way."""
+    found = find_resume(workdir, config)
+    set_aside(workdir, found.bad, found.step)
+    return found.step
+
+
+@jax.jit
+def _finite(leaves: list[jax.Array]) -> jax.Array:
+    return jnp.all(jnp.stack([jnp.isfinite(x).all() for x in leaves]))
+
+
+def _all_finite(tree: Any) -> bool:
+    """No NaN or Inf in the floating-point leaves of ``tree``."""
+    leaves = [x for x in jax.tree.leaves(tree) if jnp.issubdtype(x.dtype, jnp.inexact)]
+    return not leaves or bool(_finite(leaves))
+
+
+def _agreed(ok: bool) -> bool:
+    """``ok`` on every process (an all-gather on several)."""
+    if jax.process_count() == 1:
+        return ok
+    return bool(multihost_utils.process_allgather(np.array([ok], np.int32)).all())
+
+
+def _release_orbax_waiters() -> None:
+    """After a failed save, Orbax's threads that wait for a signal of that save (e.g.
+    the step directory's creation, which failed) would wait 5 minutes, holding the
+    process at exit: cancel them and send their signals (Orbax internals; best effort)."""
+    with contextlib.suppress(Exception):
+        for thread in threading.enumerate():
+            if isinstance(thread, ocp_future._SignalingThread) and thread.is_alive():
+                thread._cancelled = True
+                ocp_future.set_signals(thread._receive_signals, operation_id=thread._operation_id)
+
+
+class SaveError(RuntimeError):
+    """A checkpoint could not be written; ``str()`` is one line naming the path and
+    the cause. The checkpoints saved before it are intact."""
+
+
+class DamagedCheckpointError(ValueError):
+    """A checkpoint whose files passed the checks did not restore to a finite state."""
+
+    def __init__(self, step: int, why: str):
+        super().__init__(f"checkpoint {step}: {why}")
+        self.step, self.why = step, why
 
 
 def _gather_json(obj: Any) -> list[Any]:
@@ -264,32 +368,53 @@ class Checkpointer:
     """Saves and restores (state, data iterator state, config) in ``workdir``.
 
     ``every`` is the interval in steps (the loop asks ``due``); the last ``keep``
-    checkpoints are kept; saves are asynchronous unless ``async_save`` is False.
-    A save is marked (``MARKER``) and older steps beyond ``keep`` deleted once it
-    has finished: at the next save, ``finish`` or ``close``.
+    checkpoints are kept. A save returns once the state is copied off the devices;
+    Orbax writes and commits it in the background, and then the same background
+    thread writes its marker (``_complete``); ``async_save=False`` waits for all that.
+    ``check`` (at each step) raises the ``SaveError`` of a save that failed.
     """
 
-    def __init__(self, workdir: str | pathlib.Path, *, every: int, keep: int, async_save: bool):
-        self.every, self.keep = every, keep
-        self.root = directory(workdir)
-        self.pending: tuple[int, dict] | None = None
+    def __init__(self, workdir: str | epath.PathLike, *, every: int, keep: int, async_save: bool):
+        self.every, self.keep, self.async_save = every, keep, async_save
+        self.workdir, self.root = wd.path(workdir), directory(workdir)
+        self.saving: tuple[int, threading.Thread] | None = None
+        self.error: str | None = None
         self.manager = ocp.CheckpointManager(
             self.root,
             item_names=ITEMS,
             options=ocp.CheckpointManagerOptions(
-                max_to_keep=None, enable_async_checkpointing=async_save, create=True
+                max_to_keep=None, enable_async_checkpointing=True, create=True
             ),
         )
 
-    def finish(self) -> None:
-        """Wait for the pending save; mark it complete; delete steps beyond ``keep``."""
-        self.manager.wait_until_finished()
-        if self.pending is None:
+    def _complete(self, step: int) -> None:
+        """(Background thread.) Wait for Orbax to commit ``step``; then mark it."""
+        try:
+            self.manager.wait_until_finished()
+            if jax.process_index() == 0:
+                write_marker(self.root / str(step), step)
+        except Exception as e:  # reported by check() / finish() on the loop's thread
+            self.error = f"could not save checkpoint {step} in {self.root}: {_one_line(e)}"
+            _release_orbax_waiters()
+
+    def check(self, boundary: bool = True) -> None:
+        """Raise the ``SaveError`` of a failed save; on several processes, agreed (an
+        all-gather) at ``boundary`` steps only."""
+        if jax.process_count() > 1 and not boundary:
             return
-        step, config = self.pending
-        self.pending = None
-        if jax.process_index() == 0:
-            write_marker(self.root / str(step), step, config)
+        if not _agreed(self.error is None):
+            self.saving = None
+            raise SaveError(self.error or "a checkpoint could not be saved on another process")
+
+    def finish(self) -> None:
+        """Wait for the save in progress and its marker (``SaveError`` if it failed);
+        then delete the steps beyond ``keep``."""
+        if self.saving is None:
+            return
+        step, thread = self.saving
+        thread.join()
+        self.check()
+        self.saving = None
         if jax.process_count() > 1:
             multihost_utils.sync_global_devices("polyjax_marker")
         older = [s for s in self.manager.all_steps() if s < step]
@@ -306,44 +431,112 @@ class Checkpointer:
         if step in self.manager.all_steps():
             return
         states = _gather_json(data_state)
-        self.manager.save(
-            step,
-            args=ocp.args.Composite(
-                state=ocp.args.StandardSave(_to_saveable(state)),
-                data=ocp.args.JsonSave({"process_states": states}),
-                config=ocp.args.JsonSave(dict(config)),
-            ),
-        )
-        self.pending = (step, json.loads(json.dumps(dict(config))))
+        try:
+            self.manager.save(
+                step,
+                args=ocp.args.Composite(
+                    state=ocp.args.StandardSave(_to_saveable(state)),
+                    data=ocp.args.JsonSave({"process_states": states}),
+                    config=ocp.args.JsonSave(dict(config)),
+                ),
+            )
+        except Exception as e:
+            self.error = f"could not save checkpoint {step} in {self.root}: {_one_line(e)}"
+            self.check()
+        thread = threading.Thread(target=self._complete, args=(step,), name="polyjax-marker")
+        thread.start()
+        self.saving = (step, thread)
+        if not self.async_save:
+            self.finish()
 
     def restore(self, step: int, target: Any) -> tuple[Any, Any]:
-        """The state, with the structure and shardings of ``target`` (a state of the
-        same run, e.g. freshly initialised), and this process's data iterator state."""
-        out = self.manager.restore(
-            step,
-            args=ocp.args.Composite(
-                state=ocp.args.StandardRestore(_abstract_saveable(target)),
-                data=ocp.args.JsonRestore(),
-            ),
-        )
-        states = out["data"]["process_states"]
-        if len(states) != jax.process_count():
-            raise ValueError(
-                f"checkpoint {step} was written by {len(states)} processes, "
-                f"this run has {jax.process_count()}"
+        """The state of ``step`` with the structure and shardings of ``target`` (a state
+        of the same run, e.g. freshly initialised), and this process's data iterator
+        state. ``DamagedCheckpointError`` if it does not restore or holds a NaN or Inf.
+        Check its files first (``find_resume``)."""
+        error = ""
+        try:
+            out = self.manager.restore(
+                step,
+                args=ocp.args.Composite(
+                    state=ocp.args.StandardRestore(_abstract_saveable(target)),
+                    data=ocp.args.JsonRestore(),
+                ),
             )
-        return _from_saveable(out["state"], target), states[jax.process_index()]
+            states = _process_states(out["data"], step)
+            state = _from_saveable(out["state"], target)
+        except Exception as e:
+            error = f"does not restore ({_one_line(e)})"
+        if not _agreed(not error):
+            raise DamagedCheckpointError(step, error or "does not restore on another process")
+        if not _all_finite(state):
+            raise DamagedCheckpointError(step, "holds non-finite values")
+        # The same state on every process (the next global batch): any count resumes it.
+        mine = states[jax.process_index()] if len(states) == jax.process_count() else states[0]
+        return state, mine
+
+    def restore_newest(
+        self, target: Any, config: Mapping[str, Any], step: int, *, move_aside: bool = True
+    ) -> tuple[int, Any, Any]:
+        """Restore ``step`` (found by ``find_resume``) or, if it is damaged, the newest
+        intact step before it: (step, state, data iterator state). With ``move_aside``
+        the damaged steps are set aside once an older one has restored (so a state that
+        no step restores to moves nothing); ValueError when none restores."""
+        failed: list[tuple[int, str]] = []
+        while True:
+            try:
+                state, data_state = self.restore(step, target)
+                break
+            except DamagedCheckpointError as e:
+                failed.append((step, e.why))
+                if _primary():
+                    print(f"warning: {e}; trying an older one", file=sys.stderr, flush=True)
+            older = [s for s, _ in failed]
+            found = find_resume(self.workdir, config, exclude=older) if _primary() else None
+            step = agreed_step(found.step if found else None)
+            if step is None:
+                raise ValueError(
+                    f"no checkpoint in {self.root} restores ("
+                    + "; ".join(f"step {s}: {why}" for s, why in failed)
+                    + "); nothing was moved: repair them, or use another --workdir"
+                )
+            failed += [b for b in (found.bad if found else []) if b[0] not in older]
+        if failed and move_aside:
+            set_aside(self.workdir, failed, step)
+            self.manager.reload()
+        return step, state, data_state
 
     def close(self) -> None:
-        """Finish the pending save and release the manager."""
-        self.finish()
-        self.manager.close()
+        """Finish the save in progress and release the manager."""
+        try:
+            self.finish()
+        finally:
+            try:
+                self.manager.close()
+            except Exception:  # Orbax raises a failed save again; it is reported already
+                if self.error is None:
+                    raise
 
     def __enter__(self) -> Checkpointer:
         return self
 
     def __exit__(self, *exc) -> None:
+        if exc[0] is not None and self.saving is not None:  # an error is on its way: wait quietly
+            self.saving[1].join()
+            self.saving = None
         self.close()
+
+
+def _primary() -> bool:
+    return jax.process_index() == 0
+
+
+def agreed_step(step: int | None) -> int | None:
+    """Process 0's ``step`` on every process."""
+    if jax.process_count() == 1:
+        return step
+    got = int(multihost_utils.broadcast_one_to_all(np.int32(-1 if step is None else step)))
+    return None if got < 0 else got
 
 
 class PreemptionError(Exception):

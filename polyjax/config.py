@@ -10,13 +10,16 @@ section is read by one dataclass (``TYPED_SECTIONS``) and the mesh by
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import math
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from typing import Any
 
 import jax
+import numpy as np
+from jax.experimental import multihost_utils
 
 from polyjax import optim
 from polyjax import sharding as shd
@@ -25,6 +28,30 @@ from polyjax.fields import check_types, from_mapping
 from polyjax.model import ModelConfig
 
 NONFINITE_POLICIES = ("stop", "skip")
+
+
+class InputError(ValueError):
+    """Bad input (config, data, workdir) found before anything was written or compiled;
+    ``str()`` is one line naming the field or path and the fix (launch.py: exit 2)."""
+
+
+@contextlib.contextmanager
+def checked_input() -> Iterator[None]:
+    """Inside: a ValueError is bad input, raised as an ``InputError`` (one line) on
+    every process once all have reached the end of the block (a process whose own
+    checks passed is told which process refused), so that no process goes on alone."""
+    error = None
+    try:
+        yield
+    except ValueError as e:
+        error = InputError(" ".join(str(e).split()))
+    if jax.process_count() > 1:
+        refused = multihost_utils.process_allgather(np.array([error is not None], np.int32))
+        if error is None and refused.any():
+            first = int(np.argmax(refused.ravel()))
+            error = InputError(f"process {first} refused its input (see its error)")
+    if error is not None:
+        raise error
 
 
 @dataclasses.dataclass(frozen=True)
@@ -120,7 +147,9 @@ class Spec:
             raise ValueError(
                 f"data.seq_len={data.seq_len} exceeds model.max_seq_len={model.max_seq_len}"
             )
-        vocab = {"byte": 257, "bpe": data.vocab_size}.get(data.tokenizer, 0)
+        # tokens: stores carry their tokenizer (checked by polyjax.data.validate)
+        sized = {"byte": 257, "bpe": data.vocab_size}
+        vocab = 0 if data.source.startswith("tokens:") else sized.get(data.tokenizer, 0)
         if vocab > model.vocab_size:
             raise ValueError(
                 f"model.vocab_size={model.vocab_size} is smaller than the {data.tokenizer} "

@@ -1,19 +1,27 @@
 """Where the numbers go: TensorBoard, ``metrics.jsonl``, a progress line, a
 summary and a PNG of the loss curves (only the primary process writes); and the
-throughput and MFU arithmetic."""
+throughput and MFU arithmetic.
+
+Paths are ``epath`` paths, so a workdir may be a bucket (``gs://...``): there, files
+cannot be appended to, so ``metrics.jsonl`` and the TensorBoard event file are
+rewritten whole at each write (each flush)."""
 
 from __future__ import annotations
 
 import contextlib
+import io
 import json
 import math
-import pathlib
+import os
 import sys
 import time
 from collections.abc import Mapping
 from typing import Any, TextIO
 
 import numpy as np
+from etils import epath
+
+from polyjax import workdir as wd
 
 JSONL = "metrics.jsonl"
 PLOT = "loss.png"
@@ -88,6 +96,39 @@ def _scalars(record: Mapping[str, Any]) -> dict[str, float]:
     return out
 
 
+class _RemoteEvents:
+    """A TensorBoard event file on a bucket (through epath): rewritten whole at each
+    flush (tensorboardX flushes every two minutes and at the end)."""
+
+    def __init__(self, path: str):
+        self.path, self.buffer = epath.Path(path), io.BytesIO()
+
+    def write(self, data: bytes) -> None:
+        self.buffer.write(data)
+
+    def flush(self) -> None:
+        self.path.write_bytes(self.buffer.getvalue())
+
+    def close(self) -> None:
+        self.flush()
+
+
+class _RemoteEventsFactory:
+    def open(self, path: str) -> _RemoteEvents:
+        return _RemoteEvents(path)
+
+    def directory_check(self, path: str) -> None:
+        epath.Path(path).mkdir(parents=True, exist_ok=True)
+
+
+def _summary_writer(logdir: epath.Path, purge_step: int):
+    from tensorboardX import SummaryWriter, record_writer
+
+    for scheme in ("gs", "s3", "az"):
+        record_writer.register_writer_factory(scheme, _RemoteEventsFactory())
+    return SummaryWriter(os.fspath(logdir), purge_step=purge_step)
+
+
 class Writer:
     """Appends one record per call to TensorBoard and to ``workdir/metrics.jsonl``.
 
@@ -100,24 +141,22 @@ class Writer:
 
     def __init__(
         self,
-        workdir: str | pathlib.Path,
+        workdir: str | os.PathLike,
         resume_step: int = 0,
         progress: Progress | None = None,
         active: bool = True,
     ):
-        from tensorboardX import SummaryWriter
-
         self.active, self.progress = active, progress
         if not active:
             return
-        self.workdir = pathlib.Path(workdir)
+        self.workdir = wd.path(workdir)
         self.workdir.mkdir(parents=True, exist_ok=True)
         self.path = self.workdir / JSONL
-        if self.path.exists():
-            kept = [r for r in read_jsonl(self.path) if r["step"] <= resume_step]
-            self.path.write_text("".join(json.dumps(r) + "\n" for r in kept))
-        self.file = self.path.open("a")
-        self.tb = SummaryWriter(str(self.workdir / "tensorboard"), purge_step=resume_step + 1)
+        kept = [r for r in read_jsonl(self.path) if r["step"] <= resume_step]
+        self.lines = [json.dumps(r) + "\n" for r in kept]
+        self.path.write_text("".join(self.lines))
+        self.file = None if wd.is_remote(self.workdir) else self.path.open("a")
+        self.tb = _summary_writer(self.workdir / "tensorboard", resume_step + 1)
 
     def write(self, step: int, record: Mapping[str, Any]) -> None:
         if not self.active:
@@ -125,8 +164,12 @@ class Writer:
         row = {"step": int(step)}
         for key, value in record.items():
             row[key] = np.asarray(value).tolist()
-        self.file.write(json.dumps(row) + "\n")
-        self.file.flush()
+        if self.file is None:  # a bucket: no appending
+            self.lines.append(json.dumps(row) + "\n")
+            self.path.write_text("".join(self.lines))
+        else:
+            self.file.write(json.dumps(row) + "\n")
+            self.file.flush()
         scalars = _scalars(record)
         for key, value in scalars.items():
             self.tb.add_scalar(key, value, step)
@@ -142,9 +185,11 @@ class Writer:
                 )
 
     def close(self) -> None:
-        if self.active and not self.file.closed:
-            self.file.close()
+        if self.active and self.tb is not None:
+            if self.file is not None:
+                self.file.close()
             self.tb.close()
+            self.tb = None
 
     def __enter__(self) -> Writer:
         return self
@@ -153,9 +198,10 @@ class Writer:
         self.close()
 
 
-def read_jsonl(path: str | pathlib.Path) -> list[dict]:
-    """The records of a metrics.jsonl, in order."""
-    lines = pathlib.Path(path).read_text().splitlines()
+def read_jsonl(path: str | os.PathLike) -> list[dict]:
+    """The records of a metrics.jsonl, in order ([] when there is none)."""
+    path = epath.Path(path)
+    lines = path.read_text().splitlines() if path.exists() else []
     return [json.loads(line) for line in lines if line.strip()]
 
 
@@ -202,7 +248,7 @@ class Progress:
 
 
 def plot_losses(
-    records: list[dict], path: str | pathlib.Path, baseline: float | None = None
+    records: list[dict], path: str | os.PathLike, baseline: float | None = None
 ) -> None:
     """Train and validation loss against the step, as a PNG; ``baseline`` (the
     unigram loss) as a dashed line."""
@@ -224,14 +270,16 @@ def plot_losses(
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
+    png = io.BytesIO()
+    fig.savefig(png, format="png", dpi=100)
     plt.close(fig)
+    epath.Path(path).write_bytes(png.getvalue())
 
 
-def finish(workdir: str | pathlib.Path, unigram: float, progress: Progress) -> dict[str, Any]:
+def finish(workdir: str | os.PathLike, unigram: float, progress: Progress) -> dict[str, Any]:
     """After a run: the loss plot, and the summary printed and written to
     ``summary.json``; returns the final record (the last logged values)."""
-    workdir = pathlib.Path(workdir)
+    workdir = wd.path(workdir)
     records = read_jsonl(workdir / JSONL)
     plot_losses(records, workdir / PLOT, baseline=unigram)
     final = {"unigram_loss": unigram, "workdir": str(workdir)}

@@ -116,7 +116,6 @@ def run_tokenizer(workdir: str | pathlib.Path, config: Mapping[str, Any]):
 def find_step(workdir: str | pathlib.Path, step: int | None = None) -> tuple[int, dict]:
     """(step, config) of the newest intact checkpoint, or of ``step``; ValueError
     (one line) when there is none."""
-    good, bad = ckpt.scan(workdir)
     if step is None:
         found = ckpt.latest(workdir)  # raises when every checkpoint is torn
         if found is None:
@@ -124,10 +123,11 @@ def find_step(workdir: str | pathlib.Path, step: int | None = None) -> tuple[int
                 f"{workdir} holds no checkpoint (train first: python launch.py --workdir {workdir})"
             )
         return found
-    for s, config in good:
-        if s == step:
-            return s, config
-    why = dict(bad).get(step, "no such step")
+    config, why = ckpt.check_step(ckpt.directory(workdir) / str(step), step)  # checksummed
+    if config is not None:
+        return step, config
+    good, _ = ckpt.scan(workdir)
+    why = why if (ckpt.directory(workdir) / str(step)).is_dir() else "no such step"
     steps = ", ".join(str(s) for s, _ in good) or "none"
     raise ValueError(f"{workdir}: checkpoint {step} is not usable ({why}); intact steps: {steps}")
 

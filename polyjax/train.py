@@ -10,11 +10,12 @@ devices only to evaluate and to save.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import json
 import math
-import pathlib
+import os
 import sys
 from collections.abc import Callable, Mapping
 from typing import Any, TextIO
@@ -29,10 +30,11 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from polyjax import checkpoint as ckpt
+from polyjax import data, nonfinite, optim
 from polyjax import metrics as mx
-from polyjax import nonfinite, optim
 from polyjax import sharding as shd
-from polyjax.config import Spec
+from polyjax import workdir as wd
+from polyjax.config import Spec, checked_input
 from polyjax.data import make_pipeline
 from polyjax.model import flops_per_token
 
@@ -41,8 +43,8 @@ Batch = Mapping[str, jax.Array]
 
 @flax.struct.dataclass
 class TrainState:
-    """``step`` counts the batches consumed, skipped ones included; a step whose loss
-    or gradients are not finite leaves ``params``, ``opt_state`` (so the learning-rate
+    """``step`` counts the batches consumed, skipped ones included; a step whose loss,
+    gradients or new state are not finite leaves ``params``, ``opt_state`` (so the learning-rate
     schedule's count too) and ``rest`` as they were, and is counted in ``nonfinite``;
     ``bad_step`` is the first such step under "stop", the latest under "skip"."""
 
@@ -97,8 +99,9 @@ def train_step(
 ) -> tuple[TrainState, dict[str, jax.Array]]:
     """One optimizer update on a global batch (split into ``grad_accum``
     microbatches). Loss = weighted token cross-entropy + the MoE auxiliary loss.
-    The update is applied only when the loss and the gradients are finite (and,
-    under ``nonfinite="stop"``, no earlier step was non-finite)."""
+    The update is applied only when the loss, the gradients and the new parameters
+    and optimizer state are finite (and, under ``nonfinite="stop"``, no earlier step
+    was non-finite)."""
     total_weight = jnp.maximum(jnp.sum(batch["weights"]), 1.0)
     loss = functools.partial(_loss, graphdef, total_weight=total_weight, aux_div=grad_accum)
     grad_fn = jax.grad(loss, has_aux=True)
@@ -119,8 +122,9 @@ def train_step(
             k: jnp.sum(v, 0) if k == "dropped_tokens" else jnp.mean(v, 0) for k, v in auxs.items()
         }
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
     grad_norm = optax.tree.norm(grads)
-    finite = jnp.isfinite(ce_sum) & jnp.isfinite(grad_norm)
+    finite = jnp.isfinite(ce_sum) & jnp.isfinite(grad_norm) & all_finite((params, opt_state))
     if "moe_aux_loss" in aux:
         finite &= jnp.isfinite(aux["moe_aux_loss"])
     apply = finite & (state.nonfinite == 0) if nonfinite == "stop" else finite
@@ -129,7 +133,7 @@ def train_step(
     record_bad = ~finite & (first if nonfinite == "stop" else True)
     new_state = TrainState(
         step=state.step + 1,
-        params=keep(optax.apply_updates(state.params, updates), state.params),
+        params=keep(params, state.params),
         opt_state=keep(opt_state, state.opt_state),
         rest=keep(rest, state.rest),
         nonfinite=state.nonfinite + (~finite).astype(jnp.int32),
@@ -144,6 +148,12 @@ def train_step(
         **aux,
     }
     return new_state, metrics
+
+
+def all_finite(tree: Any) -> jax.Array:
+    """True when the floating-point leaves of ``tree`` hold no NaN or Inf."""
+    leaves = [x for x in jax.tree.leaves(tree) if jnp.issubdtype(x.dtype, jnp.inexact)]
+    return jnp.all(jnp.stack([jnp.isfinite(x).all() for x in leaves]))
 
 
 def eval_step(graphdef: nnx.GraphDef, params: nnx.State, rest: nnx.State, batch: Batch):
@@ -225,53 +235,82 @@ def make_steps(spec: Spec, model: nnx.Module) -> Steps:
 # The run.
 
 
-def train(spec: Spec, workdir: str | pathlib.Path, out: TextIO | None = None) -> dict[str, Any]:
-    """Run (or resume) ``spec`` in ``workdir``; returns the final metrics."""
-    # --- Config and mesh. -----------------------------------------------------
-    tcfg, mesh, workdir = spec.train, spec.mesh, pathlib.Path(workdir)
+def check_data(spec: Spec) -> data.Checked:
+    """``polyjax.data.validate`` of the run's data against its model: the files, the
+    tokenizer and the stores' metadata (the vocabulary before any tokenising), nothing
+    tokenised or written. ValueError: one line naming the path and the fix."""
+    return data.validate(
+        spec.data,
+        model_vocab_size=spec.model.vocab_size,
+        max_seq_len=spec.model.max_seq_len,
+        process_index=jax.process_index(),
+        process_count=jax.process_count(),
+    )
+
+
+def check_inputs(spec: Spec, workdir: str | os.PathLike, verify: bool = True) -> ckpt.Resume:
+    """The checks that read little and write nothing, cheapest first: the data
+    (``check_data``), the workdir's lock, then its checkpoints (compatible with
+    ``spec``; the newest intact one, checksummed in full with ``verify``).
+    ValueError: one line naming the field or path and the fix. Returns where the
+    run resumes."""
+    check_data(spec)
+    wd.check(workdir)
+    return ckpt.find_resume(workdir, spec.config, full=verify)
+
+
+def train(spec: Spec, workdir: str | os.PathLike, out: TextIO | None = None) -> dict[str, Any]:
+    """Run (or resume) ``spec`` in ``workdir``; returns the final metrics. Bad input
+    is an ``InputError`` (one line) before anything is written or compiled."""
+    # --- Config, data and workdir, checked before anything is written or compiled.
+    tcfg, mesh, workdir = spec.train, spec.mesh, wd.path(workdir)
     primary = jax.process_index() == 0
     say = lambda s: print(s, file=out or sys.stdout, flush=True) if primary else None
-
-    # --- The workdir: torn checkpoints set aside, before anything compiles. ---
-    resume = ckpt.prepare_workdir(workdir, spec.config)
-    start = resume or 0
-
-    # --- Input pipeline. --------------------------------------------------------
-    pipeline = make_pipeline(
-        spec.data, process_index=jax.process_index(), process_count=jax.process_count()
-    )
-    vocab = pipeline.tokenizer.vocab_size
-    if vocab > spec.model.vocab_size:
-        raise ValueError(
-            f"model.vocab_size={spec.model.vocab_size} is smaller than the tokenizer's "
-            f"vocabulary ({vocab}); set model.vocab_size >= {vocab}"
+    with checked_input():  # the data opened (tokenised and cached on first use)
+        found = check_inputs(spec, workdir, verify=primary)
+        pipeline = make_pipeline(
+            spec.data,
+            process_index=jax.process_index(),
+            process_count=jax.process_count(),
+            max_seq_len=spec.model.max_seq_len,
+            model_vocab_size=spec.model.vocab_size,
         )
-    data_iter = pipeline.train_iter()
-    next_batch = lambda: shd.put_batch(next(data_iter), steps.batch_sharding)
 
-    # --- Model and optimizer; shard and transfer. -------------------------------
-    model = shd.create_model(spec.model, mesh, spec.rules, tcfg.seed)  # created sharded
-    steps = make_steps(spec, model)
-    state = steps.init(*nnx.split(model, nnx.Param, ...)[1:])
-    del model
+    with contextlib.ExitStack() as stack:
+        # --- The workdir: locked, damaged checkpoints set aside. --------------------
+        stack.enter_context(wd.Lock(workdir))
+        ckpt.set_aside(workdir, found.bad, found.step)
+        resume = ckpt.agreed_step(found.step)
+        start = resume or 0
 
-    with (
-        ckpt.Checkpointer(
-            workdir,
-            every=tcfg.checkpoint_every,
-            keep=tcfg.keep_checkpoints,
-            async_save=tcfg.async_checkpoint,
-        ) as checkpointer,
-        ckpt.StopSignals() as signals,
-        mx.Writer(workdir, start, mx.Progress(tcfg.steps, start, out), primary) as writer,
-    ):
-        # --- Checkpoint/resume. ---------------------------------------------------
+        # --- Input pipeline. --------------------------------------------------------
+        data_iter = pipeline.train_iter()
+        next_batch = lambda: shd.put_batch(next(data_iter), steps.batch_sharding)
+
+        # --- Model and optimizer; shard and transfer. -------------------------------
+        model = shd.create_model(spec.model, mesh, spec.rules, tcfg.seed)  # created sharded
+        steps = make_steps(spec, model)
+        state = steps.init(*nnx.split(model, nnx.Param, ...)[1:])
+        del model
+
+        # --- Checkpoint/resume: the newest step that restores to a finite state. ------
+        checkpointer = stack.enter_context(
+            ckpt.Checkpointer(
+                workdir,
+                every=tcfg.checkpoint_every,
+                keep=tcfg.keep_checkpoints,
+                async_save=tcfg.async_checkpoint,
+            )
+        )
         if resume is not None:
-            state, data_state = checkpointer.restore(resume, state)
+            start, state, data_state = checkpointer.restore_newest(state, spec.config, resume)
             data_iter.set_state(data_state)
-            say(f"resumed from {ckpt.directory(workdir)} at step {resume}")
+            say(f"resumed from {ckpt.directory(workdir)} at step {start}")
         if primary:
             (workdir / "config.json").write_text(json.dumps(spec.config, indent=2))
+        signals = stack.enter_context(ckpt.StopSignals())
+        progress = mx.Progress(tcfg.steps, start, out)
+        writer = stack.enter_context(mx.Writer(workdir, start, progress, primary))
 
         # --- Evals. ------------------------------------------------------------
         eval_data = [
@@ -332,8 +371,10 @@ def train(spec: Spec, workdir: str | pathlib.Path, out: TextIO | None = None) ->
             last = step == tcfg.steps
             evaluating = (tcfg.eval_every and step % tcfg.eval_every == 0) or last
             save = checkpointer.due(step) or last
-            stop = signals.agreed(step % tcfg.log_every == 0 or evaluating or save)
-            if step % tcfg.log_every == 0 or evaluating or save or stop:
+            boundary = step % tcfg.log_every == 0 or evaluating or save
+            stop = signals.agreed(boundary)
+            checkpointer.check(boundary)  # a save that failed in the background stops here
+            if boundary or stop:
                 if evaluating:  # the steps still running count as training, not evaluation
                     jax.block_until_ready(metrics)
                 with meter.paused():
@@ -348,6 +389,7 @@ def train(spec: Spec, workdir: str | pathlib.Path, out: TextIO | None = None) ->
                 raise ckpt.PreemptionError(step, stop)
         if pending:
             record = log(*pending)
+        checkpointer.finish()  # the last save, committed and marked (or a SaveError)
 
         if primary:
             writer.close()
@@ -355,16 +397,23 @@ def train(spec: Spec, workdir: str | pathlib.Path, out: TextIO | None = None) ->
         return {**record, "unigram_loss": unigram}
 
 
-def restore_model(spec: Spec, workdir: str | pathlib.Path) -> tuple[nnx.Module, int]:
-    """The model (its evaluation view) of the newest intact checkpoint in
-    ``workdir``, and that checkpoint's step. ValueError: there is none."""
-    step = ckpt.resume_step(workdir, spec.config)
-    if step is None:
+def restore_model(spec: Spec, workdir: str | os.PathLike) -> tuple[nnx.Module, int]:
+    """The model (its evaluation view) of the newest checkpoint in ``workdir`` that
+    verifies as for a resume (its files against their marker, a finite state; a
+    damaged step is skipped with a warning, and not moved), and its step.
+    ValueError: there is none."""
+    found = ckpt.find_resume(workdir, spec.config)
+    if found.step is None:
         raise ValueError(f"{workdir}: no checkpoint to restore")
+    for step, why in found.bad:
+        print(f"warning: checkpoint {step} is damaged ({why}); skipped it", file=sys.stderr)
     model = shd.create_model(spec.model, spec.mesh, spec.rules, spec.train.seed)
     steps = make_steps(spec, model)
     view = nnx.view(model, deterministic=True, raise_if_not_found=False)
     graphdef, params, rest = nnx.split(view, nnx.Param, ...)
     with ckpt.Checkpointer(workdir, every=0, keep=1, async_save=False) as checkpointer:
-        state, _ = checkpointer.restore(step, steps.init(params, rest))
+        target = steps.init(params, rest)
+        step, state, _ = checkpointer.restore_newest(
+            target, spec.config, found.step, move_aside=False
+        )
     return nnx.merge(graphdef, state.params, state.rest), step

@@ -1,5 +1,7 @@
 """Shared fixtures: eight host devices (set before anything imports jax), the tiny
-configs (``tiny``) and the launcher run in this process (``launch_py``)."""
+configs (``tiny``), the launcher run in this process (``launch_py``), jax's
+compilations since a test began (``compiled``) and a directory's contents
+(``snapshot``)."""
 
 import os
 
@@ -11,6 +13,7 @@ import dataclasses
 import pathlib
 
 import jax
+import jax.monitoring
 import pytest
 from flax import nnx
 
@@ -103,3 +106,56 @@ def launch_py(capsys):
 
     yield call
     launch.FLAGS.unparse_flags()
+
+
+# jax reports each executable it compiles: the evidence that a refused run compiled
+# nothing (abstract evaluation, e.g. the config's shape checks, compiles nothing). The
+# listener stays registered for the session.
+_COMPILED: list[str] = []
+jax.monitoring.register_event_duration_secs_listener(
+    lambda event, duration, **kw: (
+        _COMPILED.append(event) if event.endswith("/backend_compile_duration") else None
+    )
+)
+
+
+@dataclasses.dataclass(frozen=True)
+class Trained:
+    """A finished tiny run in ``path`` (the overrides ``run``): copy it, never change it."""
+
+    path: pathlib.Path
+    run: dict
+
+
+@pytest.fixture(scope="session")
+def trained(tmp_path_factory, tiny) -> Trained:
+    """A tiny run of 6 steps with checkpoints at 3 and 6, shared by the tests that
+    damage, resume or move a copy of it (one compile for all of them)."""
+    run = {"train.steps": 6, "train.checkpoint_every": 3, "train.keep_checkpoints": 3}
+    path = tmp_path_factory.mktemp("trained") / "run"
+    train.train(tiny.spec(**run), path)
+    return Trained(path, run)
+
+
+@pytest.fixture
+def compiled():
+    """``compiled()``: the executables jax compiled since the test began (its events)."""
+    start = len(_COMPILED)
+    return lambda: _COMPILED[start:]
+
+
+@pytest.fixture
+def snapshot():
+    """``snapshot(root)``: every path under ``root`` -> (mtime, bytes of a file);
+    None when ``root`` does not exist."""
+
+    def take(root):
+        root = pathlib.Path(root)
+        if not root.exists():
+            return None
+        return {
+            str(p.relative_to(root)): (p.stat().st_mtime_ns, p.read_bytes() if p.is_file() else b"")
+            for p in sorted(root.rglob("*"))
+        }
+
+    return take

@@ -2,9 +2,11 @@
 
 import collections
 import contextlib
+import json
 import math
 import os
 import pathlib
+import shutil
 import socket
 import subprocess
 import sys
@@ -135,10 +137,13 @@ def _free_port():
         return s.getsockname()[1]
 
 
-def test_two_processes_match_one(tmp_path, tiny):
-    """Two local CPU processes (jax.distributed, one device each) vs this process
-    (eight devices): the same global batches, the same losses."""
-    run = {**RUN, "train.steps": 3}
+def test_two_processes_match_one_and_one_resumes_them(tmp_path, tiny, trained, launch_py):
+    """Two local CPU processes (jax.distributed, one device each) vs one process
+    (eight devices, the shared ``trained`` run of the same steps): the same global
+    batches, the same losses. Their checkpoint resumes in one process: a data
+    iterator's state is the next global batch, whatever the process count."""
+    run = RUN
+    assert {k: trained.run[k] for k in RUN} == RUN
     env = {**os.environ, "PYTHONPATH": str(ROOT), "JAX_PLATFORMS": "cpu"}
     cmd = [sys.executable, str(ROOT / "launch.py"), *tiny.argv(**run)]
     port = _free_port()
@@ -164,15 +169,24 @@ def test_two_processes_match_one(tmp_path, tiny):
         for i in range(2)
     ]
     try:
-        train.train(tiny.spec(**run), tmp_path / "one")
         outs = [p.communicate(timeout=300)[0] for p in procs]
     finally:
         for p in procs:  # a hung collective ignores SIGTERM
             p.kill()
     assert [p.returncode for p in procs] == [0, 0], outs[0][-2000:] + outs[1][-2000:]
-    two, single = losses(tmp_path / "two"), losses(tmp_path / "one")
-    assert [s for s, _ in two] == [1, 2, 3]
+    two, single = losses(tmp_path / "two"), losses(trained.path)
+    assert [s for s, _ in two] == [1, 2, 3, 4, 5, 6]
     np.testing.assert_allclose([v for _, v in two], [v for _, v in single], rtol=1e-5)
+    resumed = tmp_path / "resumed"
+    shutil.copytree(tmp_path / "two", resumed)
+    shutil.rmtree(resumed / "checkpoints" / "6")
+    saved = json.loads((resumed / "checkpoints" / "3" / "data" / "metadata").read_text())
+    assert len(saved["process_states"]) == 2
+    result = launch_py(*tiny.argv(**run), f"--workdir={resumed}")
+    assert result.code == 0 and "at step 3" in result.out, result.err
+    again = losses(resumed)
+    assert [s for s, _ in again] == [1, 2, 3, 4, 5, 6]
+    np.testing.assert_allclose([v for _, v in again], [v for _, v in single], rtol=1e-5)
 
 
 def test_moe_aux_loss_is_in_the_gradient_and_logged(tiny):
