@@ -79,8 +79,10 @@ FIRST = 40  # the first checkpoint's step in the kill test
 
 def _kill_after_first_checkpoint(proc, workdir, signum, seed, go):
     go.wait()
-    first = step_dir(workdir, FIRST)
-    while not first.is_dir() and proc.poll() is None:
+    # The first checkpoint counts once its marker is written (after Orbax commits, in
+    # the background): a kill before that leaves no intact checkpoint to resume from.
+    first = step_dir(workdir, FIRST) / ckpt.MARKER
+    while not first.exists() and proc.poll() is None:
         time.sleep(0.02)
     time.sleep(random.Random(seed).uniform(0.0, 0.3))
     proc.send_signal(signum)
