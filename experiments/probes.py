@@ -10,8 +10,9 @@
    multiplied by a constant (default 0.16, about what unnormalised top-2-of-8 gates
    leave at init), against the same arms unscaled (the activations study's runs):
    the report-half validation loss at each evaluation.
-3. ``loads.md``: the MoE study's final expert loads (the smallest and largest share
-   of each layer), from its runs' metrics.
+3. ``loads.md``: the MoE study's expert loads from its runs' metrics: per layer the
+   smallest and largest share at the last step, and the smallest share any expert
+   had at any logged step of the second half of training (a nearly dead expert).
 
 The scaled runs wrap each block's FFN in ``ScaledFFN`` and run their own short loop
 on the trainer's jitted steps (``polyjax.train.make_steps``): nothing in the model or
@@ -126,6 +127,18 @@ def _unscaled_curve(workdir: pathlib.Path) -> dict[int, float]:
     }
 
 
+def expert_loads(records: Sequence[Mapping]) -> tuple[np.ndarray, np.ndarray]:
+    """From a run's metrics records: the expert loads at the last logged step
+    (layers x experts) and, per layer, the smallest share of any expert at any logged
+    step in the second half of training (step >= last step / 2)."""
+    logged = [r for r in records if "expert_load" in r]
+    if not logged:
+        raise ValueError("no expert_load in the metrics: not an MoE run")
+    half = logged[-1]["step"] / 2
+    late_T_L_E = np.asarray([r["expert_load"] for r in logged if r["step"] >= half])
+    return np.asarray(logged[-1]["expert_load"]), late_T_L_E.min(axis=(0, 2))
+
+
 def main(
     out: str | pathlib.Path,
     *,
@@ -210,34 +223,34 @@ def main(
             )
     (out / "scaled.md").write_text("\n".join(md) + "\n")
 
-    # --- 3. MoE expert loads at the end. ---------------------------------------------
+    # --- 3. MoE expert loads. -------------------------------------------------------
     md = [
-        "## MoE expert loads at the last step",
+        "## MoE expert loads",
         "",
         "Share of the (token, slot) assignments per expert (uniform: 1/E), per layer: "
-        "smallest / largest.",
+        "smallest / largest at the last step, then [the smallest share of any expert at "
+        "any logged step of the second half of training].",
         "",
-        "| arm | seed | " + " | ".join(f"layer {i}" for i in range(8)) + " |",
     ]
-    width = None
+    rows = []
     for arm in moe_arms:
         for seed in seeds:
             run = study.make_run(moe, arm, size, seed, extra, controls, root)
             if not (run.workdir / "summary.json").exists():
                 continue
-            load = next(
-                np.asarray(r["expert_load"])
-                for r in reversed(mx.read_jsonl(run.workdir / mx.JSONL))
-                if "expert_load" in r
-            )
-            width = width or len(load)
-            cells = [f"{row.min():.3f} / {row.max():.3f}" for row in load]
-            md.append(f"| {arm.label} | {seed} | " + " | ".join(cells) + " |")
-    if width:
-        md[4] = "| arm | seed | " + " | ".join(f"layer {i}" for i in range(width)) + " |"
-        md.insert(5, "|---" * (width + 2) + "|")
+            load_L_E, late_min_L = expert_loads(mx.read_jsonl(run.workdir / mx.JSONL))
+            cells = [
+                f"{row.min():.3f} / {row.max():.3f} [{m:.3f}]"
+                for row, m in zip(load_L_E, late_min_L, strict=True)
+            ]
+            rows.append((len(load_L_E), f"| {arm.label} | {seed} | " + " | ".join(cells) + " |"))
+    if rows:
+        width = rows[0][0]
+        md.append("| arm | seed | " + " | ".join(f"layer {i}" for i in range(width)) + " |")
+        md.append("|---" * (width + 2) + "|")
+        md += [line for _, line in rows]
     else:
-        md[4] = "(No finished run of the MoE study at this size and these seeds.)"
+        md.append("(No finished run of the MoE study at this size and these seeds.)")
     (out / "loads.md").write_text("\n".join(md) + "\n")
     for name in ("init.md", "scaled.md", "loads.md"):
         print((out / name).read_text())

@@ -10,7 +10,7 @@ import pytest
 import scipy.stats
 from flax import nnx
 
-from experiments import analysis, stats, study, theory
+from experiments import analysis, probes, stats, study, theory
 from polyjax.analysis import effective_rank, layer_similarity
 from polyjax.config import Spec
 from polyjax.model import ModelConfig, Transformer, preset
@@ -96,6 +96,25 @@ def test_best_lr_is_the_lowest_mean_and_diverged_runs_lose():
     assert stats.at_edge(1e-2, list(grid)) and not stats.at_edge(3e-3, list(grid))
     with pytest.raises(ValueError, match="no learning rate"):
         stats.best_lr({})
+
+
+def test_expert_loads_find_a_dead_expert_in_the_second_half_only():
+    """A dead expert before the half-way step is not reported; one after it is, even
+    when it has recovered by the last step; records without loads are skipped."""
+    uniform = [[0.25] * 4, [0.25] * 4]
+    dead_early = [[0.0, 0.3, 0.35, 0.35], [0.25] * 4]
+    dead_late = [[0.25] * 4, [0.3, 0.3, 0.39, 0.01]]
+    records = [
+        {"step": 10, "expert_load": dead_early},
+        {"step": 50, "val_loss": 3.0},
+        {"step": 60, "expert_load": dead_late},
+        {"step": 100, "expert_load": uniform},
+    ]
+    final_L_E, late_min_L = probes.expert_loads(records)
+    np.testing.assert_array_equal(final_L_E, np.asarray(uniform))
+    np.testing.assert_allclose(late_min_L, [0.25, 0.01])
+    with pytest.raises(ValueError, match="not an MoE run"):
+        probes.expert_loads([{"step": 1, "loss": 2.0}])
 
 
 def test_halves_and_paired_t_against_direct_computation():
