@@ -1,6 +1,6 @@
 """The paper's training studies, by name: each a set of arms compared over seeds.
 
-python launch.py --experiment order   # or composition, relu_variants, activations, moe
+python launch.py --experiment order   # or order_polynorm, composition, activations, ...
 """
 
 from __future__ import annotations
@@ -12,18 +12,23 @@ def _act(label: str, family: str = "dense") -> Arm:
     return Arm(label, act=label, family=family)
 
 
+def _orders(act: str) -> tuple[Arm, ...]:
+    return tuple(
+        Arm(f"r={r}", act, overrides=(("model.activation.order", r),)) for r in (1, 2, 3, 4)
+    )
+
+
 STUDIES = {
     s.name: s
     for s in [
+        Study("order", "Order of PolyReLU", "Figure 5a, Figure 8", _orders("polyrelu"), "r=3"),
+        # the paper's order ablation is on PolyReLU; the same for PolyNorm
         Study(
-            "order",
-            "Order of PolyReLU",
-            "Figure 5a, Figure 8",
-            tuple(
-                Arm(f"r={r}", "polyrelu", overrides=(("model.activation.order", r),))
-                for r in (1, 2, 3, 4)
-            ),
-            reference="r=3",
+            "order_polynorm",
+            "Order of PolyNorm",
+            "Figure 5a (PolyNorm)",
+            _orders("polynorm"),
+            "r=3",
         ),
         Study(
             "composition",

@@ -25,8 +25,10 @@ from experiments import downstream
 from experiments import stats as st
 from polyjax import metrics as mx
 from polyjax import nonfinite
-from polyjax.config import Spec
+from polyjax.config import Spec, TrainConfig
 from polyjax.data import DataConfig, make_pipeline
+from polyjax.model import ModelConfig, MoEConfig
+from polyjax.optim import OptimConfig
 from polyjax.train import train
 
 FAMILIES = {"dense": dense.get_config, "moe": moe.get_config}
@@ -63,16 +65,58 @@ class Study:
         return cfg
 
 
+def _flat(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    out = {}
+    for k, v in tree.items():
+        if isinstance(v, Mapping):
+            out.update(_flat(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def _defaults() -> dict[str, Any]:
+    """Every config field that has a default, flattened (``model.activation.order``: 3)."""
+
+    def fields(cls, prefix):
+        out = {}
+        for f in dataclasses.fields(cls):
+            if f.default is not dataclasses.MISSING:
+                value = f.default
+            elif f.default_factory is not dataclasses.MISSING:
+                value = f.default_factory()
+            else:
+                continue
+            if dataclasses.is_dataclass(value):
+                out.update(fields(type(value), f"{prefix}{f.name}."))
+            else:
+                out[f"{prefix}{f.name}"] = value
+        return out
+
+    out = {}
+    for section, cls in (("model", ModelConfig), ("data", DataConfig)):
+        out.update(fields(cls, f"{section}."))
+    out.update(fields(MoEConfig, "model.moe."))
+    out.update(fields(OptimConfig, "optim.") | fields(TrainConfig, "train."))
+    return out
+
+
 def run_dir(runs_root: pathlib.Path, cfg) -> pathlib.Path:
     """Where a run lives: ``<activation>-<hash of the config>/seed<seed>``, the hash
     taken over everything but the name and the seeds, so that studies sharing an arm
-    (PolyReLU r=3 is in four of them) train it once, whatever they call it."""
-    plain = cfg.to_dict()
-    plain.pop("name")
-    seed = plain["train"].pop("seed")
-    plain["data"].pop("seed")
-    digest = hashlib.sha256(json.dumps(plain, sort_keys=True).encode()).hexdigest()[:10]
-    return runs_root / f"{plain['model']['activation']['name']}-{digest}" / f"seed{seed}"
+    (PolyReLU r=3 is in four of them) train it once, whatever they call it.
+
+    Only the fields that differ from their defaults enter the hash: a field added to
+    the code later (at its default) keeps every finished run's key, so that a ladder
+    built over several sessions finds its runs again. (A default changed in the code
+    is not seen; the run's ``config.json`` records what it trained with.)"""
+    flat = _flat(cfg.to_dict())
+    for k in ("name", "train.seed", "data.seed"):
+        flat.pop(k)
+    defaults = _defaults()
+    key = {k: v for k, v in flat.items() if k not in defaults or defaults[k] != v}
+    digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:10]
+    return runs_root / f"{flat['model.activation.name']}-{digest}" / f"seed{cfg.train.seed}"
 
 
 @dataclasses.dataclass(frozen=True)
