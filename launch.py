@@ -46,8 +46,8 @@ from absl import logging as absl_logging
 from ml_collections import config_flags
 
 from experiments import run as experiments
+from polyjax import aot, memory, nonfinite, train
 from polyjax import checkpoint as ckpt
-from polyjax import memory, nonfinite, train
 from polyjax import sharding as shd
 from polyjax import workdir as wd
 from polyjax.config import InputError, Spec
@@ -87,6 +87,19 @@ DEVICE_MEMORY_GB = flags.DEFINE_float(
     0.0,
     "with --dry_run: one device's memory in GB (1e9 bytes) to check the plan against; "
     "0: the runtime's allocator limit, else a table by device kind",
+)
+TARGET = flags.DEFINE_string(
+    "target",
+    None,
+    "with --dry_run: compile the train step for this accelerator by its own compiler, on any "
+    "machine (v5p-8, v5p-64, v5e-16, v6e-8, v5p:2x2x2, h100x8, h200x16; needs .[aot]) and "
+    "print its memory, FLOPs, bytes, collectives and estimated step time",
+)
+SUGGEST = flags.DEFINE_bool(
+    "suggest",
+    True,
+    "with --dry_run: when the step does not fit, compile the changes that may make it fit "
+    "(the mesh, remat, grad_accum) and print the first that does",
 )
 EXPERIMENT = flags.DEFINE_string(
     "experiment", None, f"run a study of the paper: {', '.join(experiments.NAMES)}"
@@ -278,7 +291,7 @@ def plan(spec: Spec) -> str:
             f"config {spec.name}",
             f"parameters: total {counts['total']:,}  active {counts['active']:,}  "
             f"embedding {counts['embedding']:,}",
-            f"devices: {mesh.devices.size} x {jax.devices()[0].device_kind}",
+            f"devices: {mesh.devices.size} x {mesh.devices.flat[0].device_kind}",
             f"batch: {spec.data.global_batch} x {spec.data.seq_len} tokens, "
             f"{shd.batch_sharding(mesh).spec}, {spec.optim.grad_accum} microbatch(es)",
             f"training FLOPs/token: {flops_per_token(spec.model, spec.data.seq_len):.4g}",
@@ -306,16 +319,55 @@ def dry_run_mode() -> int:
     """Print the plan of each point of the sweep: counts, mesh, shardings, the data
     checks (a note, not an error: the data may live elsewhere) and, unless
     --nomemory_plan, the memory per device of the train step compiled from abstract
-    inputs. Nothing is allocated or written."""
+    inputs; with --target, compiled for that accelerator (``polyjax.aot``). Nothing is
+    allocated or written. A step that does not fit: one line on stderr, the changes
+    that would fit (--suggest), exit status 1."""
     with bad_input():
-        runs = [(Spec.from_config(cfg), workdir) for cfg, workdir in sweep_points()]
+        target = aot.get_target(TARGET.value) if TARGET.value else None
+        devices = target.devices if target else None
+        runs = [(Spec.from_config(cfg, devices), workdir) for cfg, workdir in sweep_points()]
     capacity = DEVICE_MEMORY_GB.value * 1e9 or None
+    status = 0
     for spec, workdir in runs:
         print(f"{plan(spec)}\n{data_note(spec)}", flush=True)
-        if MEMORY_PLAN.value:
-            print(memory.plan(spec, capacity).describe())
+        verdict = None
+        if target is not None:
+            try:
+                report = aot.compile_report(spec, target)
+                print(report.describe(), flush=True)
+                verdict = report.verdict
+            except aot.DoesNotFitError as e:
+                verdict = str(e)
+        elif MEMORY_PLAN.value:
+            memory_plan = memory.plan(spec, capacity)
+            print(memory_plan.describe(), flush=True)
+            if memory_plan.fits is False:
+                verdict = f"the train step does not fit the device: {memory_plan.summary()}"
+        if verdict:
+            print(f"launch.py: {verdict}", file=sys.stderr, flush=True)
+            if SUGGEST.value:
+                print(suggestion(spec, target, capacity), flush=True)
+            status = 1
         print(f"workdir {workdir}\n", flush=True)
-    return 0
+    return status
+
+
+def suggestion(spec: Spec, target: aot.Target | None, capacity: float | None) -> str:
+    """The first of ``memory.changes_to_fit`` whose compiled step fits, as flags."""
+    devices = target.devices if target else None
+    tried = []
+    for changes in memory.changes_to_fit(spec):
+        flat = " ".join(f"--config.{k}={v}" for k, v in changes.items())
+        tried.append(flat)
+        config = memory.with_changes(spec.config, changes)
+        candidate = Spec.from_config(config, devices)
+        try:
+            fitting = aot.plan(candidate, target) if target else memory.plan(candidate, capacity)
+        except aot.DoesNotFitError:
+            continue
+        if fitting.fits:
+            return f"fits with: {flat}  ({fitting.summary()})"
+    return "no change tried fits (" + "; ".join(tried) + "): more devices, or a smaller batch"
 
 
 def experiment_mode() -> int:
@@ -411,7 +463,10 @@ def main(argv: Sequence[str]) -> int:
         chosen = [name for name in MODES if FLAGS[name].value]
         if len(chosen) > 1:
             raise app.UsageError(f"--{chosen[0]} and --{chosen[1]} are separate modes; give one")
-        init_distributed()
+        if TARGET.value:  # compiles for a chip that is not here: one process, on the CPU
+            aot.prepare()
+        else:
+            init_distributed()
         return MODES[chosen[0]]() if chosen else train_mode()
     except app.UsageError as e:
         return _usage_error(e)

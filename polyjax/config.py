@@ -14,7 +14,7 @@ import contextlib
 import dataclasses
 import json
 import math
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
 import jax
@@ -122,8 +122,10 @@ class Spec:
     config: dict
 
     @classmethod
-    def from_config(cls, config: Mapping[str, Any]) -> Spec:
-        """Read and check every section (ValueError naming the field); nothing compiles."""
+    def from_config(cls, config: Mapping[str, Any], devices: Sequence[Any] | None = None) -> Spec:
+        """Read and check every section (ValueError naming the field); nothing compiles.
+        ``devices``: the mesh's devices (default ``jax.devices()``; a compile target's
+        abstract devices for ``polyjax.aot``)."""
         plain = config.to_dict() if hasattr(config, "to_dict") else dict(config)
         unknown = sorted(set(plain) - set(SECTIONS))
         if unknown:
@@ -155,7 +157,7 @@ class Spec:
                 f"model.vocab_size={model.vocab_size} is smaller than the {data.tokenizer} "
                 f"tokenizer's vocabulary ({vocab})"
             )
-        mesh = shd.make_mesh(mesh_shape)
+        mesh = shd.make_mesh(mesh_shape, devices)
         shd.validate(model, mesh, data.global_batch)
         opt = _section("optim", optim.OptimConfig.from_dict, plain["optim"])
         data_parallel = math.prod(mesh.shape[a] for a in shd.batch_sharding(mesh).spec[0])

@@ -7,15 +7,17 @@ axes. Parameters that must not be weight-decayed are ``NoDecayParam``.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
 from jax.ad_checkpoint import checkpoint_name
+from jax.sharding import PartitionSpec as P
 
 from polyjax import activations as acts
-from polyjax import kernels
+from polyjax import attention, kernels
 from polyjax.activations import ActivationConfig
 
 Array = jax.Array
@@ -68,14 +70,24 @@ class Activation(nnx.Module):
     The one place that reads ``cfg.kernel``: the activations in ``FUSED`` run
     the fused kernels unless it is "reference"; everything else (and
     "reference") is the jnp function of ``polyjax.activations``, differentiated
-    by JAX.
+    by JAX. Under a mesh (``shard``), a Pallas kernel runs in ``shard_map`` over
+    the rows of its input (a Mosaic or Triton call is not partitioned by XLA):
+    the caller gives the input's ``spec`` (its mesh axes); the last axis, which
+    the kernel reduces over, is whole on each device.
     """
 
     FUSED = ("polynorm", "polynorm_glu", "polyrelu", "polyrelu_norm")
     """The activations with fused kernels (``polyjax.kernels``)."""
 
-    def __init__(self, cfg: ActivationConfig, num_sets: int | None = None, *, rngs: nnx.Rngs):
-        self.cfg = cfg
+    def __init__(
+        self,
+        cfg: ActivationConfig,
+        num_sets: int | None = None,
+        *,
+        shard: Shard | None = None,
+        rngs: nnx.Rngs,
+    ):
+        self.cfg, self.shard = cfg, shard or no_shard
         spec = cfg.spec
         self.coeffs = PolyCoeffs(cfg.order, num_sets) if spec.coeffs else None
         self.slope = (
@@ -91,21 +103,42 @@ class Activation(nnx.Module):
         *,
         weight: Array | None = None,
         bias: Array | None = None,
+        spec: P | None = None,
     ) -> Array:
         """Apply to ``x`` (the gate, for gated activations). ``weight``/``bias``
-        override the stored coefficients (per-expert rows gathered by the caller)."""
+        override the stored coefficients (per-expert rows gathered by the caller);
+        ``spec``: how ``x`` is split over the mesh (None: not split)."""
         cfg = self.cfg
         if self.coeffs is not None:
             weight = self.coeffs.weight[...] if weight is None else weight
             bias = self.coeffs.bias[...] if bias is None else bias
         if cfg.kernel != "reference" and cfg.name in self.FUSED:
             acts.check_inputs(cfg, up, weight, bias)
-            return self._fused(x, up, weight, bias)
+            return self._fused_sharded(x, up, weight, bias, spec)
         slope = self.slope[...] if self.slope is not None else None
         key = None
         if self.rngs is not None and not self.deterministic:
             key = self.rngs.activation()
         return acts.apply(cfg, x, up, weight=weight, bias=bias, slope=slope, key=key)
+
+    def _fused_sharded(self, x, up, weight, bias, spec: P | None) -> Array:
+        mesh = getattr(self.shard, "mesh", None)
+        pallas = kernels.resolve_impl(self.cfg.kernel) == "pallas"
+        if spec is None or mesh is None or mesh.size == 1 or not pallas:
+            return self._fused(x, up, weight, bias)
+        rows = P(*tuple(spec)[: x.ndim - 1], None)
+        lead, shared = x.shape[:-1], math.prod(jnp.shape(weight)[:-1]) == 1
+        if not shared:  # per-row coefficients travel with their rows
+            weight = jnp.broadcast_to(weight, (*lead, weight.shape[-1]))
+            bias = jnp.broadcast_to(bias, (*lead, bias.shape[-1]))
+        coeffs = P() if shared else rows
+        return jax.shard_map(
+            self._fused,
+            mesh=mesh,
+            in_specs=(rows, None if up is None else rows, coeffs, coeffs),
+            out_specs=rows,
+            check_vma=False,
+        )(x, up, weight, bias)
 
     def _fused(self, x: Array, up: Array | None, weight: Array, bias: Array) -> Array:
         name, eps, impl = self.cfg.name, self.cfg.eps, self.cfg.kernel
@@ -145,7 +178,14 @@ class FFN(nnx.Module):
         if self.gated:
             self.w_up = nnx.Param(init(rngs.params(), shape_in, param_dtype), axes=("embed", "mlp"))
         self.w_out = nnx.Param(init(rngs.params(), shape_out, param_dtype), axes=("mlp", "embed"))
-        self.act = Activation(act, rngs=rngs)
+        self.act = Activation(act, shard=self.shard, rngs=rngs)
+
+    FFN_AXES = ("batch", "length", "mlp")
+
+    def _spec(self, axes: tuple[str | None, ...]) -> P | None:
+        """The mesh axes of an activation with logical ``axes`` (None: no mesh)."""
+        spec = getattr(self.shard, "spec", None)
+        return None if spec is None else spec(axes)
 
     def __call__(self, x_BxLxD: Array) -> Array:
         x_BxLxD = x_BxLxD.astype(self.dtype)
@@ -154,10 +194,11 @@ class FFN(nnx.Module):
         if self.gated:
             u_BxLxF = jnp.einsum("bld,df->blf", x_BxLxD, self.w_up[...].astype(self.dtype))
             u_BxLxF = checkpoint_name(u_BxLxF, "ffn_hidden")
-            h_BxLxF = self.act(h_BxLxF, u_BxLxF)
+            h_BxLxF = self.act(h_BxLxF, u_BxLxF, spec=self._spec(self.FFN_AXES))
         else:
-            h_BxLxF = self.act(self.shard(h_BxLxF, ("batch", "length", "mlp")))
-        h_BxLxF = self.shard(h_BxLxF, ("batch", "length", "mlp"))
+            h_BxLxF = self.shard(h_BxLxF, self.FFN_AXES)
+            h_BxLxF = self.act(h_BxLxF, spec=self._spec(self.FFN_AXES))
+        h_BxLxF = self.shard(h_BxLxF, self.FFN_AXES)
         return jnp.einsum("blf,fd->bld", h_BxLxF, self.w_out[...].astype(self.dtype))
 
 
@@ -204,46 +245,6 @@ def rope(x_BxLxHxK: Array, positions_BxL: Array, theta: float) -> Array:
     x1, x2 = x32[..., :half], x32[..., half:]
     out = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
     return out.astype(x_BxLxHxK.dtype)
-
-
-ATTENTION_IMPLS = ("auto", "xla", "cudnn")
-
-
-def causal_attention(
-    q_BxLxHxK: Array,
-    k_BxLxGxK: Array,
-    v_BxLxGxK: Array,
-    segment_ids_BxL: Array | None = None,
-    impl: str = "auto",
-) -> Array:
-    """Causal (grouped-query) attention through ``jax.nn.dot_product_attention``;
-    tokens attend only within their segment when ``segment_ids_BxL`` is given.
-
-    ``impl``: "xla", "cudnn" (flash attention), or "auto": cuDNN on GPU for 16-bit
-    inputs, falling back to XLA when cuDNN rejects the shapes.
-    """
-    mask = None
-    if segment_ids_BxL is not None:
-        mask = segment_ids_BxL[:, None, :, None] == segment_ids_BxL[:, None, None, :]
-
-    def run(implementation):
-        return jax.nn.dot_product_attention(
-            q_BxLxHxK,
-            k_BxLxGxK,
-            v_BxLxGxK,
-            mask=mask,
-            is_causal=True,
-            implementation=implementation,
-        )
-
-    if impl != "auto":
-        return run(impl)
-    if jax.default_backend() == "gpu" and q_BxLxHxK.dtype in (jnp.bfloat16, jnp.float16):
-        try:
-            return run("cudnn")
-        except (ValueError, NotImplementedError, RuntimeError):
-            pass
-    return run("xla")
 
 
 class Attention(nnx.Module):
@@ -300,7 +301,9 @@ class Attention(nnx.Module):
         q_BxLxHxK, k_BxLxGxK, v_BxLxGxK = (
             self.shard(t, axes) for t in (q_BxLxHxK, k_BxLxGxK, v_BxLxGxK)
         )
-        o_BxLxHxK = causal_attention(q_BxLxHxK, k_BxLxGxK, v_BxLxGxK, segment_ids_BxL, self.impl)
+        o_BxLxHxK = attention.causal_attention(
+            q_BxLxHxK, k_BxLxGxK, v_BxLxGxK, segment_ids_BxL, self.impl, self.shard
+        )
         o_BxLxHxK = self.shard(o_BxLxHxK, axes)
         return jnp.einsum("blhk,hkd->bld", o_BxLxHxK, self.w_o[...].astype(self.dtype))
 

@@ -9,15 +9,16 @@ batch bytes counted from shapes, dtypes and shardings, and XLA's own account
 Per device, a leaf of the train state holds ``prod(shard shape) x itemsize`` bytes:
 its whole size divided by the mesh axes it is sharded over, or all of it when it is
 replicated. The device's memory comes from ``device.memory_stats()["bytes_limit"]``
-(what XLA's allocator may use), else from ``DEVICE_MEMORY`` by device kind, else
+(what XLA's allocator may use), else from ``polyjax.chips`` by device kind, else
 from the caller (``capacity``); without any, whether it fits is unknown.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
 
 import jax
@@ -25,37 +26,19 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from polyjax import chips, train
 from polyjax import sharding as shd
-from polyjax import train
 from polyjax.config import Spec
 
 GB = 1e9
 UNITS = (("GB", 1e9), ("MB", 1e6), ("KB", 1e3))
-
-DEVICE_MEMORY = {  # accelerator memory per device in bytes, by a substring of device_kind
-    "H100": 80 * GB,
-    "H200": 141 * GB,
-    "B200": 180 * GB,
-    "A100-SXM4-40GB": 40 * GB,
-    "A100-PCIE-40GB": 40 * GB,
-    "A100": 80 * GB,
-    "L4": 24 * GB,
-    "TPU v4": 32 * 2**30,
-    "TPU v5 lite": 16 * 2**30,
-    "TPU v5e": 16 * 2**30,
-    "TPU v5p": 95 * 2**30,
-    "TPU v6 lite": 32 * 2**30,
-    "TPU v6e": 32 * 2**30,
-}
-"""Fallback when the runtime does not report its allocator's limit; the first key
-contained in the device kind wins (so the 40 GB A100s come before "A100")."""
 
 
 def device_memory(
     device: jax.Device | None = None, capacity: float | None = None
 ) -> tuple[float | None, str]:
     """(bytes, where the figure comes from) of one device's memory: ``capacity``
-    when given, else the runtime's allocator limit, else ``DEVICE_MEMORY`` by the
+    when given, else the runtime's allocator limit, else ``polyjax.chips`` by the
     device kind, else (None, "unknown")."""
     if capacity:
         return float(capacity), "given"
@@ -66,10 +49,9 @@ def device_memory(
         stats = None
     if stats and stats.get("bytes_limit"):
         return float(stats["bytes_limit"]), "memory_stats()['bytes_limit']"
-    kind = device.device_kind.lower()
-    for key, size in DEVICE_MEMORY.items():
-        if key.lower() in kind:
-            return float(size), f"table: {key}"
+    chip = chips.by_kind(device.device_kind)
+    if chip is not None:
+        return chip.hbm, f"table: {chip.key}"
     return None, "unknown"
 
 
@@ -90,8 +72,9 @@ def tree_bytes(tree: Any, shardings: Any) -> int:
 def abstract_batch(spec: Spec, sharding: jax.sharding.Sharding) -> dict[str, Any]:
     """The shapes of one global batch (the pipeline's keys), sharded by ``sharding``."""
     shape = (spec.data.global_batch, spec.data.seq_len)
-    dtypes = dict(inputs=jnp.int32, targets=jnp.int32, positions=jnp.int32)
-    dtypes.update(segment_ids=jnp.int32, weights=jnp.float32)
+    dtypes = dict(inputs=jnp.int32, targets=jnp.int32, positions=jnp.int32, weights=jnp.float32)
+    if spec.data.document_boundaries:  # else all one, and the step does not read them
+        dtypes["segment_ids"] = jnp.int32
     return {k: jax.ShapeDtypeStruct(shape, d, sharding=sharding) for k, d in dtypes.items()}
 
 
@@ -133,6 +116,11 @@ class MemoryPlan:
     @property
     def fits(self) -> bool | None:
         return None if self.capacity is None else self.total <= self.capacity
+
+    def summary(self) -> str:
+        """One line: the total against the device's memory, and the temporaries."""
+        of = "" if self.capacity is None else f" of {self.capacity / GB:,.1f} GB"
+        return f"{self.total / GB:,.1f} GB{of} per device, {self.temp / GB:,.1f} GB of temporaries"
 
     def describe(self) -> str:
         unit, scale = next((u, s) for u, s in UNITS if self.total >= s or s == 1e3)
@@ -177,7 +165,19 @@ def compile_train_step(spec: Spec) -> tuple[Any, train.Steps, train.TrainState, 
 def plan(spec: Spec, capacity: float | None = None) -> MemoryPlan:
     """The memory plan of ``spec``'s train step (compiles it; nothing is allocated).
     ``capacity``: the device's memory in bytes, overriding what the runtime says."""
-    compiled, steps, state, batch = compile_train_step(spec)
+    return plan_of(spec, *compile_train_step(spec), capacity)
+
+
+def plan_of(
+    spec: Spec,
+    compiled,
+    steps: train.Steps,
+    state: train.TrainState,
+    batch: dict,
+    capacity: float | None = None,
+    source: str = "given",
+) -> MemoryPlan:
+    """The memory plan of a compiled train step (``compile_train_step``'s results)."""
     shardings = steps.state_shardings
     analysis = compiled.memory_analysis()
     cost = compiled.cost_analysis()
@@ -187,7 +187,8 @@ def plan(spec: Spec, capacity: float | None = None) -> MemoryPlan:
     other = [(state.step, shardings.step), (state.nonfinite, shardings.nonfinite)]
     other += [(state.bad_step, shardings.bad_step), (state.rest, shardings.rest)]
     batch_sharding = {k: steps.batch_sharding for k in batch}
-    size, source = device_memory(spec.mesh.devices.flat[0], capacity)
+    device = spec.mesh.devices.flat[0]
+    size, where = (capacity, source) if capacity else device_memory(device)
     data_parallel = math.prod(spec.mesh.shape[a] for a in steps.batch_sharding.spec[0])
     tokens = spec.data.global_batch * spec.data.seq_len / data_parallel / spec.optim.grad_accum
     return MemoryPlan(
@@ -201,12 +202,45 @@ def plan(spec: Spec, capacity: float | None = None) -> MemoryPlan:
         aliased=int(analysis.alias_size_in_bytes),
         code=int(analysis.generated_code_size_in_bytes),
         capacity=size,
-        capacity_source=source,
-        devices=f"{spec.mesh.devices.size} x {spec.mesh.devices.flat[0].device_kind}",
+        capacity_source=where,
+        devices=f"{spec.mesh.devices.size} x {device.device_kind}",
         mesh=dict(spec.mesh.shape),
         tokens_per_device=tokens,
         flops=cost.get("flops"),
     )
+
+
+def changes_to_fit(spec: Spec) -> Iterator[dict[str, Any]]:
+    """Config changes (field -> value) that lower the step's memory, cheapest first:
+    the data axis folded into fsdp (parameters and optimizer state sharded, no cost),
+    then more microbatches (less activation memory, no extra FLOPs), then ``remat=full``
+    (about a third more FLOPs) with more microbatches."""
+    shape, opt = dict(spec.mesh.shape), spec.optim
+    base: dict[str, Any] = {}
+    if shape["data"] > 1:
+        base = {"mesh.data": 1, "mesh.fsdp": shape["data"] * shape["fsdp"]}
+        yield base
+    data_parallel = shape["data"] * shape["fsdp"] * shape["expert"]
+    accum = lambda k: spec.data.global_batch % (data_parallel * k) == 0
+    for remat in dict.fromkeys((spec.model.remat, "full")):
+        start = {**base, "model.remat": remat} if remat != spec.model.remat else base
+        if start is not base:
+            yield start
+        for k in (2, 4, 8, 16):
+            if opt.grad_accum * k <= 16 and accum(opt.grad_accum * k):
+                yield {**start, "optim.grad_accum": opt.grad_accum * k}
+
+
+def with_changes(config: Mapping[str, Any], changes: Mapping[str, Any]) -> dict:
+    """A copy of the plain ``config`` with ``changes`` (dotted field -> value) set."""
+    out = json.loads(json.dumps(config))
+    for field, value in changes.items():
+        *path, last = field.split(".")
+        node = out
+        for part in path:
+            node = node[part]
+        node[last] = value
+    return out
 
 
 def bench_spec(

@@ -21,35 +21,20 @@ from typing import Any, TextIO
 import numpy as np
 from etils import epath
 
+from polyjax import chips
 from polyjax import workdir as wd
 
 JSONL = "metrics.jsonl"
 PLOT = "loss.png"
 
 
-PEAK_FLOPS = {  # bf16 dense peak FLOP/s per device, by a substring of its device_kind
-    "H100 PCIe": 756e12,
-    "H100": 989e12,
-    "H200": 989e12,
-    "B200": 2250e12,
-    "A100": 312e12,
-    "L4": 121e12,
-    "TPU v4": 275e12,
-    "TPU v5 lite": 197e12,
-    "TPU v5e": 197e12,
-    "TPU v5p": 459e12,
-    "TPU v6 lite": 918e12,
-    "TPU v6e": 918e12,
-}
-
-
 def peak_flops(device_kind: str, configured: float = 0.0) -> float | None:
-    """``configured`` if set, else the table's peak for ``device_kind`` (None: unknown,
-    for example a CPU, and then no MFU is reported)."""
+    """``configured`` if set, else the bf16 peak of ``device_kind`` (``polyjax.chips``;
+    None: unknown, for example a CPU, and then no MFU is reported)."""
     if configured > 0:
         return configured
-    kind = device_kind.lower()
-    return next((v for k, v in PEAK_FLOPS.items() if k.lower() in kind), None)
+    chip = chips.by_kind(device_kind)
+    return None if chip is None else chip.peak_flops
 
 
 class Throughput:

@@ -21,8 +21,9 @@ from jax.ad_checkpoint import checkpoint_name
 
 from polyjax import activations as acts
 from polyjax.activations import ActivationConfig
+from polyjax.attention import IMPLS as ATTENTION_IMPLS
 from polyjax.fields import from_mapping
-from polyjax.layers import ATTENTION_IMPLS, FFN, Attention, RMSNorm, Shard, no_shard, trunc_normal
+from polyjax.layers import FFN, Attention, RMSNorm, Shard, no_shard, trunc_normal
 from polyjax.moe import DISPATCHES, MoE
 
 Array = jax.Array
@@ -100,7 +101,8 @@ class MoEConfig:
 class ModelConfig:
     """The model. ``d_ff`` is the dense FFN's intermediate width as used (None for
     MoE models, whose width is ``moe.d_expert``); ``n_kv_heads`` None = ``n_heads``.
-    ``attention``: "auto" (cuDNN flash attention on GPU where it applies), "xla", "cudnn".
+    ``attention``: "auto" (splash on TPU, cuDNN on GPU), "xla", "cudnn", "splash"
+    (``polyjax.attention``).
     """
 
     vocab_size: int

@@ -253,17 +253,18 @@ class MoE(nnx.Module):
         if self.gated:
             self.w_up = nnx.Param(init(rngs.params(), (E, D, F), param_dtype), axes=axes_in)
         self.w_out = nnx.Param(init(rngs.params(), (E, F, D), param_dtype), axes=axes_out)
-        self.act = Activation(act, E if per_expert_coeffs else None, rngs=rngs)
+        self.act = Activation(act, E if per_expert_coeffs else None, shard=shard, rngs=rngs)
         self.per_expert_coeffs = per_expert_coeffs and self.act.coeffs is not None
 
-    def _activate(self, h: Array, u: Array | None, experts: Array | None) -> Array:
+    def _activate(self, h: Array, u: Array | None, experts: Array | None, spec=None) -> Array:
         """The activation; with per-expert coefficients, ``experts`` (shaped like
-        ``h.shape[:-1]``, or broadcastable to it) picks each row's set."""
+        ``h.shape[:-1]``, or broadcastable to it) picks each row's set. ``spec``: how
+        ``h`` is split over the mesh (for the Pallas kernels)."""
         if not self.per_expert_coeffs:
-            return self.act(h, u)
+            return self.act(h, u, spec=spec)
         weight = self.act.coeffs.weight[...][experts]
         bias = self.act.coeffs.bias[...][experts]
-        return self.act(h, u, weight=weight, bias=bias)
+        return self.act(h, u, weight=weight, bias=bias, spec=spec)
 
     def __call__(self, x_BxLxD: Array) -> tuple[Array, dict[str, Array]]:
         B, L, D = x_BxLxD.shape
@@ -337,7 +338,7 @@ class MoE(nnx.Module):
             in_specs=(rows, rows, w_spec, up_spec),
             out_specs=(rows, None if w_up is None else rows, rows),
         )(x_TxD, experts_TxK, w_in, w_up)
-        h = self._activate(h, u, expert_R)
+        h = self._activate(h, u, expert_R, rows)
         y_TxD = smap(stage_out, in_specs=(rows, rows, rows, w_spec), out_specs=rows)(
             h, experts_TxK, gates_TxK, w_out
         )
@@ -369,7 +370,10 @@ class MoE(nnx.Module):
         proj = lambda w: jnp.einsum("becd,edf->becf", x_BxExCxD, w[...].astype(dt))
         h_BxExCxF = proj(self.w_in)
         u_BxExCxF = proj(self.w_up) if self.gated else None
-        h_BxExCxF = self._activate(h_BxExCxF, u_BxExCxF, jnp.arange(E)[:, None])
+        spec = getattr(self.shard, "spec", lambda axes: None)(
+            ("batch_no_expert", "expert", None, "mlp")
+        )
+        h_BxExCxF = self._activate(h_BxExCxF, u_BxExCxF, jnp.arange(E)[:, None], spec)
         out_BxExCxD = jnp.einsum("becf,efd->becd", h_BxExCxF, self.w_out[...].astype(dt))
         out_BxExCxD = self.shard(out_BxExCxD, expert_major)
         return jnp.einsum("blec,becd->bld", combine_BxLxExC, out_BxExCxD), dropped

@@ -122,8 +122,11 @@ class ActivationSharding:
     rules: Rules
 
     def __call__(self, x: Array, axes: tuple[str | None, ...]) -> Array:
-        sharding = NamedSharding(self.mesh, logical_to_spec(axes, self.rules))
-        return jax.lax.with_sharding_constraint(x, sharding)
+        return jax.lax.with_sharding_constraint(x, NamedSharding(self.mesh, self.spec(axes)))
+
+    def spec(self, axes: tuple[str | None, ...]) -> PartitionSpec:
+        """The mesh axes of an activation with logical ``axes``."""
+        return logical_to_spec(axes, self.rules)
 
     def mesh_axes(self, logical: str) -> tuple[str, ...]:
         """The mesh axes the logical axis ``logical`` is split over (for ``shard_map``)."""
@@ -203,11 +206,8 @@ def _axis_size(mesh: Mesh, mesh_axes: Sequence[str]) -> int:
 
 def validate(cfg: ModelConfig, mesh: Mesh, global_batch: int, rules: Rules = DEFAULT_RULES):
     """Raise a ValueError naming the field when the mesh cannot shard this model or
-    batch: too many devices, a sharded dimension the mesh axes do not divide."""
-    if mesh.devices.size > len(jax.devices()):
-        raise ValueError(
-            f"mesh has {mesh.devices.size} devices but only {len(jax.devices())} exist"
-        )
+    batch: a sharded dimension the mesh axes do not divide (``make_mesh`` has checked
+    the device count)."""
     table = _rules_dict(rules)
     dp_axes = table.get("batch", ())
     dp = _axis_size(mesh, dp_axes)

@@ -73,7 +73,7 @@ def cross_entropy_sum(
 def _forward(graphdef: nnx.GraphDef, params: nnx.State, rest: nnx.State, batch: Batch):
     model = nnx.merge(graphdef, params, rest, copy=True)  # fresh variables in this trace
     logits_BxLxV, aux = model(
-        batch["inputs"], positions_BxL=batch["positions"], segment_ids_BxL=batch["segment_ids"]
+        batch["inputs"], positions_BxL=batch["positions"], segment_ids_BxL=batch.get("segment_ids")
     )
     ce_sum = cross_entropy_sum(logits_BxLxV, batch["targets"], batch["weights"])
     return ce_sum, aux, nnx.split(model, nnx.Param, ...)[2]
@@ -96,12 +96,15 @@ def train_step(
     grad_accum: int,
     batch_sharding: NamedSharding,
     nonfinite: str = "stop",
+    segments: bool = True,
 ) -> tuple[TrainState, dict[str, jax.Array]]:
     """One optimizer update on a global batch (split into ``grad_accum``
     microbatches). Loss = weighted token cross-entropy + the MoE auxiliary loss.
     The update is applied only when the loss, the gradients and the new parameters
     and optimizer state are finite (and, under ``nonfinite="stop"``, no earlier step
-    was non-finite)."""
+    was non-finite). ``segments`` False: the rows hold one stream each (no document
+    boundaries), so attention needs no segment mask."""
+    batch = _segments(batch, segments)
     total_weight = jnp.maximum(jnp.sum(batch["weights"]), 1.0)
     loss = functools.partial(_loss, graphdef, total_weight=total_weight, aux_div=grad_accum)
     grad_fn = jax.grad(loss, has_aux=True)
@@ -156,9 +159,16 @@ def all_finite(tree: Any) -> jax.Array:
     return jnp.all(jnp.stack([jnp.isfinite(x).all() for x in leaves]))
 
 
-def eval_step(graphdef: nnx.GraphDef, params: nnx.State, rest: nnx.State, batch: Batch):
+def _segments(batch: Batch, segments: bool) -> Batch:
+    """``batch`` without its segment ids when they are all one (``segments`` False)."""
+    return batch if segments else {k: v for k, v in batch.items() if k != "segment_ids"}
+
+
+def eval_step(
+    graphdef: nnx.GraphDef, params: nnx.State, rest: nnx.State, batch: Batch, segments: bool = True
+):
     """(sum of weighted cross-entropy, sum of weights) over one batch."""
-    ce_sum, _, _ = _forward(graphdef, params, rest, batch)
+    ce_sum, _, _ = _forward(graphdef, params, rest, _segments(batch, segments))
     return ce_sum, jnp.sum(batch["weights"])
 
 
@@ -200,6 +210,7 @@ def make_steps(spec: Spec, model: nnx.Module) -> Steps:
         bad_step=replicated,
     )
     zero = lambda: jnp.zeros((), jnp.int32)
+    segments = spec.data.document_boundaries  # else the segment ids are all one
     update = functools.partial(
         train_step,
         graphdef=graphdef,
@@ -208,6 +219,7 @@ def make_steps(spec: Spec, model: nnx.Module) -> Steps:
         grad_accum=spec.optim.grad_accum,
         batch_sharding=batch_sharding,
         nonfinite=spec.train.nonfinite,
+        segments=segments,
     )
     return Steps(
         init=jax.jit(
@@ -221,7 +233,7 @@ def make_steps(spec: Spec, model: nnx.Module) -> Steps:
             donate_argnums=0,
         ),
         eval=jax.jit(
-            functools.partial(eval_step, eval_graphdef),
+            functools.partial(eval_step, eval_graphdef, segments=segments),
             in_shardings=(shardings.params, shardings.rest, batch_sharding),
             out_shardings=replicated,
         ),

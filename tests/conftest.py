@@ -1,10 +1,13 @@
-"""Shared fixtures: eight host devices (set before anything imports jax), the tiny
+"""Shared fixtures: eight host CPU devices (set before anything imports jax), the tiny
 configs (``tiny``), the launcher run in this process (``launch_py``), jax's
 compilations since a test began (``compiled``) and a directory's contents
 (``snapshot``)."""
 
 import os
 
+# The tests run on the CPU; with libtpu and the CUDA plugin installed (the aot extra,
+# for tests/test_aot.py) jax would otherwise try to start a TPU and a GPU first.
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
 if "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", ""):
     flags = os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
     os.environ["XLA_FLAGS"] = flags.strip()

@@ -23,7 +23,8 @@ def test_dense_fsdp_plan_matches_the_arithmetic(tiny):
     assert plan.params == 4 * per_device  # float32 parameters
     counts = 2 * 4  # int32 step counts: Adam's and the schedule's
     assert plan.opt_state == (2 + 4) * per_device + counts  # mu bf16, nu fp32
-    batch = 5 * 4 * spec.data.global_batch * spec.data.seq_len // 8  # five int32/fp32 arrays
+    # four int32/fp32 arrays (the segment ids too with document boundaries)
+    batch = 4 * 4 * spec.data.global_batch * spec.data.seq_len // 8
     assert plan.batch == batch
     # XLA's own count of the step's arguments: the state and the batch, nothing else.
     assert plan.arguments == plan.params + plan.opt_state + plan.batch + 3 * 4

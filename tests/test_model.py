@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from polyjax import layers
+from polyjax import attention, layers
 from polyjax.model import (
     REMAT_POLICIES,
     ModelConfig,
@@ -55,9 +55,9 @@ def test_causal_attention_grouped_heads_and_segments_match_reference():
     k = jax.random.normal(kk, (2, 12, 2, 8))
     v = jax.random.normal(kv, (2, 12, 2, 8))
     seg = jnp.array([[0] * 5 + [1] * 7, [3] * 12])
-    out = layers.causal_attention(q, k, v, seg)
+    out = attention.causal_attention(q, k, v, seg)
     np.testing.assert_allclose(out, naive_attention(q, k, v, seg), rtol=1e-5, atol=1e-5)
-    plain = layers.causal_attention(q, k, v)
+    plain = attention.causal_attention(q, k, v)
     np.testing.assert_allclose(plain, naive_attention(q, k, v, jnp.zeros((2, 12))), atol=1e-5)
 
 

@@ -10,8 +10,8 @@
 
 from __future__ import annotations
 
-import jax
-
+from polyjax.backend import normalize
+from polyjax.backend import platform as current_platform
 from polyjax.kernels import pallas
 
 IMPLS = ("xla", "pallas", "auto")
@@ -22,12 +22,13 @@ _LAYOUT = {"gpu": "triton", "cuda": "triton", "rocm": "triton", "tpu": "tpu"}
 
 
 def resolve_impl(impl: str, platform: str | None = None) -> str:
-    """ "xla" or "pallas" for ``impl`` on ``platform`` (default: jax's backend)."""
+    """ "xla" or "pallas" for ``impl`` on ``platform`` (default: ``polyjax.backend.platform()``,
+    the compile target's or jax's backend)."""
     if impl not in IMPLS:
         raise ValueError(f"impl must be one of {', '.join(IMPLS)}, got {impl!r}")
     if impl != "auto":
         return impl
-    platform = platform or jax.default_backend()
+    platform = normalize(platform) if platform else current_platform()
     return "pallas" if platform in AUTO_PALLAS else "xla"
 
 
@@ -45,7 +46,7 @@ def pallas_config(
     can compile the kernels, interpret mode."""
     if resolve_impl(impl) == "xla":
         return None
-    platform = jax.default_backend()
+    platform = current_platform()
     return pallas.Config(
         backend=backend or _LAYOUT.get(platform, "triton"),
         interpret=platform == "cpu" if interpret is None else bool(interpret),
