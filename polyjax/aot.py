@@ -30,10 +30,11 @@ from collections.abc import Mapping
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 
-from polyjax import backend, chips, memory
+from polyjax import attention, backend, chips, memory
 from polyjax.config import Spec
-from polyjax.model import flops_per_token
+from polyjax.model import DTYPES, flops_per_token
 
 TPU_FAMILIES = {"v5p": ("TPU v5p", 3, 2), "v5e": ("TPU v5e", 2, 1), "v6e": ("TPU v6e", 2, 1)}
 """TPU family -> (chip key in ``polyjax.chips``, topology dimensions, TensorCores
@@ -279,6 +280,7 @@ class Report:
     plan: memory.MemoryPlan
     figures: Figures
     per_layer: bool  # figures extrapolated from one- and two-layer compiles
+    flash: tuple[float, float]  # the flash kernels' (FLOPs, bytes) in the figures
     tokens_per_step: int
     model_flops_per_step: float  # 6N + attention, all devices (flops_per_token)
 
@@ -291,7 +293,12 @@ class Report:
             return f.seconds, "XLA:TPU's cost model"
         flops = max(f.flops, self.model_flops_per_step / len(self.target.devices))
         bound = max(flops / chip.peak_flops, f.bytes / chip.hbm_bandwidth)
-        return bound, "roofline bound: max(FLOPs/peak, bytes/bandwidth); XLA:GPU gives none"
+        why = (
+            "XLA:GPU has no cost model time"
+            if self.target.platform == "gpu"
+            else "XLA:TPU's cost model gave no time for this program"
+        )
+        return bound, f"roofline bound: max(FLOPs/peak, bytes/bandwidth); {why}"
 
     @property
     def verdict(self) -> str | None:
@@ -313,7 +320,14 @@ class Report:
     def describe(self) -> str:
         f, (seconds, source) = self.figures, self.seconds
         coll = [(op, nb) for op, nb in f.collectives.items() if nb[0]]
-        how = "one layer's and two layers' programs, scaled" if self.per_layer else "as compiled"
+        how = "one and two layers compiled, scaled" if self.per_layer else "as compiled"
+        if self.target.platform == "tpu":
+            how += ", without windowed einsums"
+        if self.flash[0]:
+            how += (
+                f"; with the flash attention's {_si(self.flash[0], 'FLOP').strip()} and "
+                f"{_si(self.flash[1], 'B').strip()} from its shapes, timed at peak"
+            )
         rows = [
             f"compiled for {self.target} by XLA:{self.target.platform.upper()}",
             self.plan.describe(),
@@ -347,9 +361,16 @@ def _variant(config: Mapping[str, Any], **model) -> dict:
 _OOM = re.compile(r"temporaries \(([\d.]+\w?)\) exceeds available HBM \(([\d.]+\w?)\)")
 
 
-def compile_step(spec: Spec, target: Target):
-    """``memory.compile_train_step`` for the target's platform; a compile-time HBM
-    refusal (XLA:TPU) becomes ``DoesNotFitError`` naming the temporaries and the HBM."""
+NO_LOOPS = {  # XLA:TPU's collective matmuls: while loops whose body its cost analysis counts once
+    "xla_tpu_enable_windowed_einsum_for_all_gather": False,
+    "xla_tpu_enable_windowed_einsum_for_reduce_scatter": False,
+}
+
+
+def compile_step(spec: Spec, target: Target, options: Mapping[str, Any] | None = None):
+    """``memory.compile_train_step`` for the target's platform (``options``: XLA's); a
+    compile-time HBM refusal (XLA:TPU) becomes ``DoesNotFitError`` naming the
+    temporaries and the HBM."""
     mesh_context = (
         jax.sharding.use_abstract_mesh(spec.mesh.abstract_mesh)
         if target.platform == "gpu"  # Pallas Triton kernels lower deviceless only so
@@ -357,7 +378,7 @@ def compile_step(spec: Spec, target: Target):
     )
     try:
         with backend.compiling_for(target.platform), mesh_context:
-            return memory.compile_train_step(spec)
+            return memory.compile_train_step(spec, options)
     except jax.errors.JaxRuntimeError as e:
         m = _OOM.search(str(e))
         if "RESOURCE_EXHAUSTED" in str(e) and m:
@@ -374,30 +395,67 @@ def plan(spec: Spec, target: Target) -> memory.MemoryPlan:
     return memory.plan_of(spec, *compile_step(spec, target), target.chip.hbm, "chip table")
 
 
+def flash_cost(spec: Spec, platform: str) -> tuple[float, float]:
+    """(FLOPs, bytes) per device per step of the flash attention kernels, which XLA's
+    cost analysis cannot see into (splash gives it no estimate; cuDNN's is a library
+    call): from the shapes, 4 L D FLOPs per token and layer forward, 2.5 times that
+    backward, over the causal blocks only; K and V read once per query block. (0, 0)
+    when the attention is XLA's, which the cost analysis counts itself."""
+    model, seq = spec.model, spec.data.seq_len
+    dtype = DTYPES[model.dtype]
+    with backend.compiling_for(platform):
+        impl = attention.resolve(model.attention, dtype, seq)
+    if impl == "xla":
+        return 0.0, 0.0
+    block = math.gcd(attention.SPLASH_BLOCK, seq) if impl == "splash" else 128
+    causal = (1 + block / seq) / 2  # the blocks on and below the diagonal
+    tokens = spec.data.global_batch * seq * model.n_layers / spec.mesh.devices.size
+    d, itemsize = model.d_model, jnp.dtype(dtype).itemsize
+    flops = 3.5 * 4 * seq * d * causal * tokens
+    kv_reads = 2 * (seq / block) * causal  # K and V, once per query block
+    nbytes = (2 + kv_reads + 2 * (4 + kv_reads)) * d * itemsize * tokens
+    return flops, nbytes
+
+
 def compile_report(spec: Spec, target: Target) -> Report:
     """Compile ``spec``'s train step (its mesh over the target's devices:
     ``Spec.from_config(config, target.devices)``) for ``target`` and report it.
-    Scanned layers are counted once by XLA's cost analysis, so the per-step figures
-    come from two more compiles, of one and two layers unrolled, extrapolated to the
-    model's depth. ``DoesNotFitError``: XLA:TPU refused it
-    at compile time (``Report.verdict`` says whether a compiled step fits)."""
+
+    Memory: the step as it would run. FLOPs, bytes, time and collectives: XLA's cost
+    analysis counts a while loop's body once, so they come from the step compiled
+    again without loops: scanned layers as one and two layers unrolled, extrapolated
+    to the model's depth, and on TPU without the windowed einsums (``NO_LOOPS``); the
+    flash kernels' cost (``flash_cost``) is added, timed at the chip's peak.
+    ``DoesNotFitError``: XLA:TPU refused the step at compile time (``Report.verdict``
+    says whether a compiled step fits)."""
     compiled, steps, state, batch = compile_step(spec, target)
     step_plan = memory.plan_of(spec, compiled, steps, state, batch, target.chip.hbm, "chip table")
-    layers = spec.model.n_layers
+    options = NO_LOOPS if target.platform == "tpu" else None
+    figures_of = lambda s: Figures.of(compile_step(s, target, options)[0])
     if spec.model.scan_layers:
         one, two = (
-            Figures.of(compile_step(Spec.from_config(v, devices=target.devices), target)[0])
+            figures_of(Spec.from_config(v, devices=target.devices))
             for v in (_variant(spec.config, n_layers=n, scan_layers=False) for n in (1, 2))
         )
-        figures, per_layer = one.extrapolate(two, layers), True
+        figures, per_layer = one.extrapolate(two, spec.model.n_layers), True
     else:
-        figures, per_layer = Figures.of(compiled), False
+        figures = figures_of(spec) if options else Figures.of(compiled)
+        per_layer = False
+    flops, nbytes = flash_cost(spec, target.platform)
+    if flops:
+        seconds = figures.seconds
+        if seconds is not None:
+            seconds += flops / target.chip.peak_flops
+        figures = dataclasses.replace(
+            figures, flops=figures.flops + flops, bytes=figures.bytes + nbytes, seconds=seconds
+        )
     tokens = spec.data.global_batch * spec.data.seq_len
     return Report(
         target=target,
         plan=step_plan,
         figures=figures,
         per_layer=per_layer,
+        flash=(flops, nbytes),
         tokens_per_step=tokens,
         model_flops_per_step=flops_per_token(spec.model, spec.data.seq_len) * tokens,
     )

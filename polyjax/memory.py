@@ -152,14 +152,18 @@ class MemoryPlan:
         return "\n".join(rows)
 
 
-def compile_train_step(spec: Spec) -> tuple[Any, train.Steps, train.TrainState, dict]:
+def compile_train_step(
+    spec: Spec, options: Mapping[str, Any] | None = None
+) -> tuple[Any, train.Steps, train.TrainState, dict]:
     """(the compiled train step, the steps, the abstract state, the abstract batch)
-    of ``spec`` on its mesh, built from an abstract model: nothing is allocated."""
+    of ``spec`` on its mesh, built from an abstract model: nothing is allocated.
+    ``options``: XLA compiler options (flag -> value) for this compile."""
     model = nnx.eval_shape(lambda: shd.create_model(spec.model, spec.mesh, spec.rules, 0))
     steps = train.make_steps(spec, model)
     state = jax.eval_shape(steps.init, *nnx.split(model, nnx.Param, ...)[1:])
     batch = abstract_batch(spec, steps.batch_sharding)
-    return steps.train.lower(state, batch).compile(), steps, state, batch
+    compiled = steps.train.lower(state, batch).compile(compiler_options=options)
+    return compiled, steps, state, batch
 
 
 def plan(spec: Spec, capacity: float | None = None) -> MemoryPlan:

@@ -77,7 +77,15 @@ def make_mesh(shape: Mapping[str, int], devices: Sequence[jax.Device] | None = N
         )
     grid = [sizes[a] for a in MESH_AXES]
     types = (AxisType.Auto,) * len(MESH_AXES)
-    return jax.make_mesh(grid, MESH_AXES, axis_types=types, devices=devices)
+    try:
+        return jax.make_mesh(grid, MESH_AXES, axis_types=types, devices=devices)
+    except NotImplementedError:  # a TPU torus whose axes the sizes cannot follow whole
+        from jax.experimental import mesh_utils
+
+        grid_devices = mesh_utils.create_device_mesh(
+            grid, devices, allow_split_physical_axes=True
+        )
+        return Mesh(grid_devices, MESH_AXES, axis_types=types)
 
 
 def _rules_dict(rules: Rules) -> dict[str, tuple[str, ...]]:

@@ -69,9 +69,11 @@ def test_unknown_size():
 )
 def test_1b_builds_abstractly(family, act):
     """The plan lists every parameter of the model; on the 1B mesh (fsdp over all
-    eight devices) each one with an ``embed`` axis is sharded over ``fsdp``."""
+    eight devices; the MoE's experts over 8 of them, fsdp over the rest) each one
+    with an ``embed`` axis is sharded over ``fsdp``."""
     spec = Spec.from_config(FAMILIES[family].get_config(f"act={act},size=1b"))
-    assert dict(spec.mesh.shape)["fsdp"] == 8
+    shape = dict(spec.mesh.shape)
+    assert (shape["fsdp"], shape["expert"]) == ((8, 1) if family == "dense" else (1, 8))
     text = launch.plan(spec)
     rows = {r.split()[0]: r for r in text.split("sharding plan")[1].splitlines()[2:]}
     abstract = nnx.eval_shape(lambda: Transformer(spec.model, rngs=nnx.Rngs(0)))

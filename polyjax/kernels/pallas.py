@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import math
 from collections.abc import Callable, Sequence
 
 import jax
@@ -383,9 +384,34 @@ def _spec(plan: Plan, a: Array, wide: bool) -> pl.BlockSpec:
     return pl.BlockSpec((plan.rows, a.shape[1]), lambda i: (i, 0))
 
 
-def _call(kernel, cfg: Config, name: str, wide: Sequence[Array], small: Sequence[Array], outs):
+def _cost(plan: Plan, wide, small, out_shape, sweeps: int, flops_per_element: int):
+    """What the kernel reads, writes and computes, for XLA's cost model (a custom call
+    is opaque to it): the wide inputs once per sweep, except where a row stays on chip
+    (a TPU block holds the whole row; a resident Triton row)."""
+    reads = 1 if plan.backend == "tpu" or plan.resident else sweeps
+    nbytes = lambda arrays: sum(math.prod(a.shape) * jnp.dtype(a.dtype).itemsize for a in arrays)
+    elements = plan.m * plan.width
+    return pl.CostEstimate(
+        flops=flops_per_element * elements,
+        transcendentals=plan.m * 2,
+        bytes_accessed=reads * nbytes(wide) + nbytes(small) + nbytes(out_shape),
+    )
+
+
+def _call(
+    kernel,
+    cfg: Config,
+    name: str,
+    wide: Sequence[Array],
+    small: Sequence[Array],
+    outs,
+    *,
+    sweeps: int = 1,
+    flops: int = 8,
+):
     """Run ``kernel`` over the rows: inputs ``wide`` (M, H) then ``small`` (M or 1,
-    n); ``outs``: (dtype, n) pairs, n None for an (M, H) output."""
+    n); ``outs``: (dtype, n) pairs, n None for an (M, H) output. ``sweeps`` over a
+    row and ``flops`` per element: the cost estimate given to XLA."""
     m, width = wide[0].shape
     plan = make_plan(cfg, m, width)
     out_shape = [jax.ShapeDtypeStruct((m, n or width), dt) for dt, n in outs]
@@ -400,6 +426,7 @@ def _call(kernel, cfg: Config, name: str, wide: Sequence[Array], small: Sequence
         compiler_params=_compiler_params(plan),
         interpret=cfg.interpret,
         name=name,
+        cost_estimate=_cost(plan, wide, small, out_shape, sweeps, flops),
     )(*wide, *small)
 
 
@@ -411,10 +438,11 @@ def polynorm_forward(
     outs = [(x.dtype, None), (f32, order)]
     if up is None:
         kernel = functools.partial(polynorm_fwd_kernel, eps=eps)
-        y, s = _call(kernel, cfg, "polynorm_fwd", [x], [w, b], outs)
+        y, s = _call(kernel, cfg, "polynorm_fwd", [x], [w, b], outs, sweeps=2, flops=6 * order)
     else:
         kernel = functools.partial(polynorm_glu_fwd_kernel, eps=eps)
-        y, s = _call(kernel, cfg, "polynorm_glu_fwd", [x, up], [w, b], outs)
+        wide = [x, up]
+        y, s = _call(kernel, cfg, "polynorm_glu_fwd", wide, [w, b], outs, sweeps=2, flops=6 * order)
     return y, s
 
 
@@ -425,11 +453,29 @@ def polynorm_backward(
     part = (f32, w.shape[1] + 1)
     if up is None:
         outs = [(x.dtype, None), part]
-        dx, parts = _call(polynorm_bwd_kernel, cfg, "polynorm_bwd", [x, g], [w, b, stats], outs)
+        dx, parts = _call(
+            polynorm_bwd_kernel,
+            cfg,
+            "polynorm_bwd",
+            [x, g],
+            [w, b, stats],
+            outs,
+            sweeps=2,
+            flops=12 * w.shape[1],
+        )
         return dx, None, parts
     outs = [(x.dtype, None), (up.dtype, None), part]
     wide, small = [x, up, g], [w, b, stats]
-    dx, dup, parts = _call(polynorm_glu_bwd_kernel, cfg, "polynorm_glu_bwd", wide, small, outs)
+    dx, dup, parts = _call(
+        polynorm_glu_bwd_kernel,
+        cfg,
+        "polynorm_glu_bwd",
+        wide,
+        small,
+        outs,
+        sweeps=2,
+        flops=14 * w.shape[1],
+    )
     return dx, dup, parts
 
 
