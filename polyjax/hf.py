@@ -14,7 +14,10 @@ Export (``pip install -e ".[hf]"``) writes ``model.safetensors``, ``config.json`
   defined by ``modeling_polycom.py``, which the export ships (``auto_map``; load
   with ``trust_remote_code=True``). PolyCom coefficients are written DESCENDING
   (highest power first), as the paper's official code stores them; polyjax keeps
-  them ascending.
+  them ascending. An activation (or polycom base) that file does not compute is
+  refused (``check_exportable``) before anything is written.
+
+config.json holds the run's own config too, under ``polyjax.config``.
 
 Layouts map by transposes and reshapes alone: polyjax's attention weights are
 ``d_model x heads x head_dim`` and its RoPE pairs the two halves of a head
@@ -26,6 +29,8 @@ step-0 checkpoint (parameters in float32, a fresh optimizer state), the tokenize
 ``config.json`` and ``config.py`` (its ``get_config``), so that
 ``python launch.py --config RUN/config.py --workdir RUN`` trains it further (on
 the config's data, Shakespeare by default) and ``launch.py --sample`` samples it.
+The data, optim and train sections are the exported run's for a polyjax export
+(``import_config``), else the defaults.
 Whatever polyjax cannot represent exactly is refused with one line naming the
 field: RoPE scaling, tied embeddings, attention or MLP biases, OLMoE's
 ``clip_qkv``, a head size other than hidden_size / num_attention_heads, an
