@@ -48,6 +48,7 @@ from ml_collections import config_flags
 from experiments import run as experiments
 from polyjax import aot, memory, nonfinite, train
 from polyjax import checkpoint as ckpt
+from polyjax import metrics as mx
 from polyjax import sharding as shd
 from polyjax import workdir as wd
 from polyjax.config import InputError, Spec
@@ -225,13 +226,17 @@ def init_distributed() -> None:
         jax.distributed.initialize(*given) if explicit else jax.distributed.initialize()
 
 
+def sweep_root() -> pathlib.Path:
+    """``--workdir`` (default runs/<config name>): a run's workdir, a sweep's root."""
+    given = WORKDIR.value or str(pathlib.Path("runs") / CONFIG.value.name)
+    return wd.path(given) if wd.is_remote(given) else pathlib.Path(given)  # gs://... kept
+
+
 def sweep_points() -> list[tuple[ml_collections.ConfigDict, pathlib.Path]]:
     """(config, workdir) for each point of the sweeps' product (one point without):
     the config that adding ``--config.<field>=<value>`` gives, in the workdir
     ``<workdir>/<field>=<value>`` (default workdir: runs/<config name>)."""
-    base = CONFIG.value
-    given = WORKDIR.value or str(pathlib.Path("runs") / base.name)
-    root = wd.path(given) if wd.is_remote(given) else pathlib.Path(given)  # gs://... kept
+    base, root = CONFIG.value, sweep_root()
     axes = []
     for sweep in SWEEP.value:
         field, sep, values = sweep.partition("=")
@@ -256,6 +261,7 @@ def sweep_points() -> list[tuple[ml_collections.ConfigDict, pathlib.Path]]:
 def train_mode() -> int:
     """Train each point of the sweep (one without) in its workdir."""
     with bad_input():
+        root = sweep_root()  # before sweep_points parses each point's flags
         runs = [(Spec.from_config(cfg), workdir) for cfg, workdir in sweep_points()]
         for spec, workdir in runs:  # every point's cheap checks before the first trains
             train.check_inputs(spec, workdir, verify=False)
@@ -280,6 +286,9 @@ def train_mode() -> int:
         except nonfinite.NonFiniteError as e:
             print(f"launch.py: {e}", file=sys.stderr, flush=True)
             return NONFINITE_EXIT
+    if SWEEP.value and jax.process_index() == 0:  # the points compared, in the sweep's root
+        mx.write_sweep(root, {str(w.relative_to(root)): w for _, w in runs})
+        print(f"sweep: {root}/{mx.SWEEP}.md, .csv, .png", flush=True)
     return 0
 
 

@@ -31,7 +31,10 @@ ROWS = {  # label -> (config file argument, overrides)
         "configs/dense.py:act=polynorm,size=1b",
         {"model.attention": "xla"},
     ),
-    "dense-swiglu-xla-attention": ("configs/dense.py:act=swiglu,size=1b", {"model.attention": "xla"}),
+    "dense-swiglu-xla-attention": (
+        "configs/dense.py:act=swiglu,size=1b",
+        {"model.attention": "xla"},
+    ),
     "moe-polynorm": ("configs/moe.py:act=polynorm,size=1b", {}),
     "moe-swiglu": ("configs/moe.py:act=swiglu,size=1b", {}),
 }
@@ -85,9 +88,8 @@ def measure(label: str, target_name: str) -> Row:
     row.fits = "yes" if report.plan.fits else f"no: {report.verdict.split(': ', 1)[1]}"
     row.flops, row.bytes, row.seconds, row.source = f.flops, f.bytes, seconds, source
     row.mfu, row.tokens_per_s = report.mfu, report.tokens_per_step / seconds
-    row.collectives = ", ".join(
-        f"{op.replace('collective-', '')} {b / 1e9:.3g}" for op, (n, b) in f.collectives.items() if n
-    )
+    moved = [(op.replace("collective-", ""), b) for op, (n, b) in f.collectives.items() if n]
+    row.collectives = ", ".join(f"{op} {b / 1e9:.3g}" for op, b in moved)
     row.wall = time.perf_counter() - t0
     return row
 

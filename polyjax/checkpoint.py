@@ -47,9 +47,13 @@ from polyjax import workdir as wd
 # Fields that may change between a checkpoint and its resumption: they change how
 # the model computes, not what is stored. Every other model field must match.
 RUNTIME_MODEL_FIELDS = ("dtype", "remat", "activation.kernel")
-DATA_FIELDS = ("source", "tokenizer", "vocab_size", "seq_len")
+# The data fields that must match: they fix the stream's windows and their order (the
+# global batch may change: the stream resumes at the same window, ``TrainIterator``).
+DATA_FIELDS = ("source", "split", "val_split", "val_fraction", "tokenizer", "vocab_size")
+DATA_FIELDS += ("seq_len", "seed")
 MARKER = "polyjax_integrity.json"
 ITEMS = ("state", "data", "config")
+HISTORY = "config_history.jsonl"  # in the workdir: the config of each segment of the run
 
 
 def directory(workdir: str | epath.PathLike) -> epath.Path:
@@ -86,6 +90,28 @@ def check_compatible(saved: Mapping[str, Any], current: Mapping[str, Any], where
                 f"{where} holds checkpoints of an incompatible config ({key}: "
                 f"{a.get(key)!r} there, {b.get(key)!r} here); use another --workdir"
             )
+
+
+def config_changes(saved: Mapping[str, Any], current: Mapping[str, Any]) -> list[str]:
+    """ "field: old -> new" for each field of ``current`` that differs from ``saved``
+    (a checkpoint's config), in the order of the fields."""
+    a, b = (json.loads(json.dumps(_flatten(c))) for c in (saved, current))
+    keys = list(dict.fromkeys([*b, *a]))
+    return [f"{k}: {a.get(k)!r} -> {b.get(k)!r}" for k in keys if a.get(k) != b.get(k)]
+
+
+def record_config(workdir: str | epath.PathLike, config: Mapping[str, Any], start: int) -> None:
+    """``workdir/config.json`` := ``config``, and ``config`` appended to the history
+    (``HISTORY``: one JSON line per segment, ``{"start_step", "config"}``) after
+    dropping the segments that start at or after ``start`` (their steps are run again)."""
+    workdir = wd.path(workdir)
+    text = json.dumps(dict(config), indent=2)
+    (workdir / "config.json").write_text(text)
+    path = workdir / HISTORY
+    lines = path.read_text().splitlines() if path.exists() else []
+    kept = [line for line in lines if line.strip() and json.loads(line)["start_step"] < start]
+    kept.append(json.dumps({"start_step": start, "config": json.loads(text)}))
+    path.write_text("\n".join(kept) + "\n")
 
 
 def _one_line(e: BaseException) -> str:
@@ -220,6 +246,13 @@ def _process_states(data: Mapping[str, Any], step: int) -> list:
     if not isinstance(states, list) or not states:
         raise ValueError(f"checkpoint {step} holds no data iterator state")
     return states
+
+
+def data_state(workdir: str | epath.PathLike, step: int) -> dict:
+    """Process 0's data iterator state in checkpoint ``step`` (the same on every
+    process: the next global batch), read from its files."""
+    path = directory(workdir) / str(step) / "data" / "metadata"
+    return _process_states(json.loads(path.read_text()), step)[0]
 
 
 def _check_process_count(step_dir: epath.Path, step: int) -> None:

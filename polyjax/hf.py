@@ -14,7 +14,10 @@ Export (``pip install -e ".[hf]"``) writes ``model.safetensors``, ``config.json`
   defined by ``modeling_polycom.py``, which the export ships (``auto_map``; load
   with ``trust_remote_code=True``). PolyCom coefficients are written DESCENDING
   (highest power first), as the paper's official code stores them; polyjax keeps
-  them ascending.
+  them ascending. An activation (or polycom base) that file does not compute is
+  refused (``check_exportable``) before anything is written.
+
+config.json holds the run's own config too, under ``polyjax.config``.
 
 Layouts map by transposes and reshapes alone: polyjax's attention weights are
 ``d_model x heads x head_dim`` and its RoPE pairs the two halves of a head
@@ -26,6 +29,8 @@ step-0 checkpoint (parameters in float32, a fresh optimizer state), the tokenize
 ``config.json`` and ``config.py`` (its ``get_config``), so that
 ``python launch.py --config RUN/config.py --workdir RUN`` trains it further (on
 the config's data, Shakespeare by default) and ``launch.py --sample`` samples it.
+The data, optim and train sections are the exported run's for a polyjax export
+(``import_config``), else the defaults.
 Whatever polyjax cannot represent exactly is refused with one line naming the
 field: RoPE scaling, tied embeddings, attention or MLP biases, OLMoE's
 ``clip_qkv``, a head size other than hidden_size / num_attention_heads, an
@@ -35,6 +40,7 @@ activation other than SiLU, a tensor the model has no place for.
 from __future__ import annotations
 
 import argparse
+import ast
 import dataclasses
 import importlib.resources
 import json
@@ -147,6 +153,47 @@ def hf_config(cfg: ModelConfig, eos_id: int) -> dict[str, Any]:
         "norm_topk_prob": False if m is None else m.renormalize,
         "per_expert_coeffs": False if m is None else m.per_expert_coeffs,
     }
+
+
+def shipped_activations() -> tuple[tuple[str, ...], tuple[str, ...]]:
+    """(activations, bases of ``polycom``) that the shipped ``modeling_polycom.py``
+    computes: its ``ACTIVATIONS`` and ``BASES`` (and ``rms_norm``, which it computes
+    apart), read from its source (the file imports torch)."""
+    source = (importlib.resources.files("polyjax.hf_remote") / REMOTE_FILE).read_text()
+    names: dict[str, tuple[str, ...]] = {}
+    for node in ast.parse(source).body:  # module-level NAME = {...} or (...) of strings
+        if not (isinstance(node, ast.Assign) and isinstance(node.targets[0], ast.Name)):
+            continue
+        value, items = node.value, []
+        if isinstance(value, ast.Dict):
+            items = [k.value for k in value.keys if isinstance(k, ast.Constant)]
+        elif isinstance(value, ast.Tuple):
+            for e in value.elts:
+                if isinstance(e, ast.Starred) and isinstance(e.value, ast.Name):
+                    items += names.get(e.value.id, ())
+                elif isinstance(e, ast.Constant) and isinstance(e.value, str):
+                    items.append(e.value)
+        names[node.targets[0].id] = tuple(dict.fromkeys(items))
+    return names["ACTIVATIONS"], (*names["BASES"], "rms_norm")
+
+
+def check_exportable(cfg: ModelConfig) -> None:
+    """ValueError (one line) for a model that the shipped modelling file cannot
+    compute: an activation (or ``polycom`` base) it does not know."""
+    if architecture(cfg) != "polycom":
+        return
+    activations, bases = shipped_activations()
+    a, where = cfg.activation, f"polyjax/hf_remote/{REMOTE_FILE}"
+    if a.name not in activations:
+        raise ValueError(
+            f"activation {a.name!r}: the shipped {REMOTE_FILE} cannot compute it (it "
+            f"computes {', '.join(activations)}); add it to {where} to export this model"
+        )
+    if a.name == "polycom" and a.base not in bases:
+        raise ValueError(
+            f"activation.base {a.base!r}: the shipped {REMOTE_FILE} cannot compute it (its "
+            f"bases: {', '.join(bases)}); add it to {where} to export this model"
+        )
 
 
 # ----------------------------------------------------------------------------
@@ -552,6 +599,7 @@ def write_export(
 
     if dtype not in DTYPES:
         raise ValueError(f"--dtype={dtype!r}: valid: {', '.join(DTYPES)}")
+    check_exportable(cfg)
     out = pathlib.Path(out)
     out.mkdir(parents=True, exist_ok=True)
     tensors = to_hf(cfg, params)
@@ -576,9 +624,10 @@ def write_export(
 
 
 def export(workdir: str | pathlib.Path, out: str | pathlib.Path, dtype: str = "float32") -> str:
-    """Export the newest checkpoint of ``workdir`` to ``out`` (``write_export``)."""
+    """Export the newest checkpoint of ``workdir`` to ``out`` (``write_export``), the
+    run's config in config.json under ``polyjax.config`` (``import_`` trains on with it)."""
     run = load_run(workdir)
-    note = {"workdir": str(workdir), "step": run.step}
+    note = {"workdir": str(workdir), "step": run.step, "config": run.config}
     return write_export(out, run.model_config, flat_params(run.model), run.tokenizer, dtype, note)
 
 
@@ -600,9 +649,40 @@ def get_config(arg: str = ""):
 '''
 
 
-def import_(source: str | pathlib.Path, out: str | pathlib.Path, seq_len: int = 256) -> str:
+def exported_config(hf: Mapping[str, Any]) -> dict[str, Any] | None:
+    """The polyjax run's config that ``export`` wrote into a config.json (None: a
+    checkpoint from elsewhere, or an older export)."""
+    note = hf.get("polyjax")
+    config = note.get("config") if isinstance(note, Mapping) else None
+    return dict(config) if isinstance(config, Mapping) else None
+
+
+def import_config(
+    hf: Mapping[str, Any], cfg: ModelConfig, tokenizer: str, name: str, seq_len: int | None = None
+) -> dict[str, Any]:
+    """The imported workdir's config: the model ``cfg`` (read from ``hf``), the tokenizer
+    file ``tokenizer``, every device on the data axis, and the training sections (data,
+    optim, train) of the exported run when ``hf`` holds them (``exported_config``),
+    else the defaults with a batch of lcm(8, devices) and ``seq_len`` 256; a ``seq_len``
+    given overrides either (at most the model's context)."""
+    run = exported_config(hf) or {}
+    data = dict(run.get("data") or {"global_batch": math.lcm(8, jax.device_count())})
+    seq_len = seq_len or data.get("seq_len", 256)
+    data.update(tokenizer=tokenizer, seq_len=min(seq_len, cfg.max_seq_len))
+    return {
+        "name": name,
+        "model": dataclasses.asdict(cfg),
+        "data": dataclasses.asdict(DataConfig.from_dict(data)),
+        "optim": dataclasses.asdict(OptimConfig.from_dict(run.get("optim") or {})),
+        "train": dataclasses.asdict(TrainConfig.from_dict(run.get("train") or {})),
+        "mesh": {"data": -1, "fsdp": 1, "tensor": 1, "expert": 1},
+    }
+
+
+def import_(source: str | pathlib.Path, out: str | pathlib.Path, seq_len: int | None = None) -> str:
     """Write a polyjax workdir at ``out`` from the Hugging Face checkpoint in
-    ``source`` (see the module docstring); returns the model type it read."""
+    ``source`` (see the module docstring; its config: ``import_config``); returns the
+    model type it read."""
     source, out = pathlib.Path(source), pathlib.Path(out)
     if not (source / "config.json").is_file():
         raise ValueError(f"{source} holds no config.json")
@@ -620,20 +700,7 @@ def import_(source: str | pathlib.Path, out: str | pathlib.Path, seq_len: int = 
             break
     else:
         raise ValueError(f"{source} holds no tokenizer.json or tokenizer.model")
-    config = {
-        "name": f"hf-{source.name}",
-        "model": dataclasses.asdict(cfg),
-        "data": dataclasses.asdict(
-            DataConfig(
-                tokenizer=tokenizer,
-                seq_len=min(seq_len, cfg.max_seq_len),
-                global_batch=math.lcm(8, jax.device_count()),
-            )
-        ),
-        "optim": dataclasses.asdict(OptimConfig()),
-        "train": dataclasses.asdict(TrainConfig()),
-        "mesh": {"data": -1, "fsdp": 1, "tensor": 1, "expert": 1},
-    }
+    config = import_config(hf, cfg, tokenizer, f"hf-{source.name}", seq_len)
     spec = Spec.from_config(config)
     # The step-0 checkpoint of a fresh run of ``spec``, its parameters replaced.
     pipeline = make_pipeline(
@@ -664,7 +731,12 @@ def main(argv: list[str] | None = None) -> int:
     im = sub.add_parser("import", help="a Hugging Face checkpoint -> a polyjax run")
     im.add_argument("source", help="folder with config.json, safetensors and the tokenizer")
     im.add_argument("--out", required=True, help="the new workdir")
-    im.add_argument("--seq_len", type=int, default=256, help="training sequence length")
+    im.add_argument(
+        "--seq_len",
+        type=int,
+        default=None,
+        help="training sequence length (default: the exported run's, else 256)",
+    )
     args = parser.parse_args(argv)
     try:
         if args.command == "export":
@@ -672,7 +744,9 @@ def main(argv: list[str] | None = None) -> int:
             print(f"exported {args.workdir} as {arch} to {args.out}")
         else:
             kind = import_(args.source, args.out, args.seq_len)
-            print(f"imported {kind} from {args.source} into {args.out}")
+            hf = json.loads((pathlib.Path(args.source) / "config.json").read_text())
+            how = "the exported run's" if exported_config(hf) else "the defaults"
+            print(f"imported {kind} from {args.source} into {args.out} (training config: {how})")
     except (ValueError, FileNotFoundError) as e:
         print(f"polyjax.hf: error: {str(e).splitlines()[0]}", file=sys.stderr)
         return 2

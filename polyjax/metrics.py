@@ -9,6 +9,7 @@ rewritten whole at each write (each flush)."""
 from __future__ import annotations
 
 import contextlib
+import csv
 import io
 import json
 import math
@@ -47,6 +48,7 @@ class Throughput:
         self.tokens, self.flops, self.peak = tokens_per_step, flops_per_step, peak
         self.time: float | None = None
         self.step, self.paused_s = 0, 0.0
+        self.timed_steps, self.timed_s = 0, 0.0  # every measured interval, summed
 
     def start(self, step: int) -> None:
         self.time, self.step, self.paused_s = time.perf_counter(), step, 0.0
@@ -64,11 +66,25 @@ class Throughput:
         if self.time is None or step <= self.step:
             return {}
         now = time.perf_counter()
-        rate = (step - self.step) * self.tokens / (now - self.time - self.paused_s)
+        seconds = now - self.time - self.paused_s
+        rate = (step - self.step) * self.tokens / seconds
+        self.timed_steps, self.timed_s = self.timed_steps + step - self.step, self.timed_s + seconds
         self.time, self.step, self.paused_s = now, step, 0.0
-        out = {"tokens_per_s": rate}
+        return self._rates(rate, "")
+
+    def mean(self) -> dict[str, float]:
+        """``tokens_per_s_mean`` (and ``mfu_mean``) over every interval measured so far:
+        their tokens over their time (the same clock as ``measure``: from the end of the
+        first step, evaluation left out), with ``timed_steps``; {} before any."""
+        if not self.timed_steps:
+            return {}
+        rate = self.timed_steps * self.tokens / self.timed_s
+        return {**self._rates(rate, "_mean"), "timed_steps": self.timed_steps}
+
+    def _rates(self, rate: float, suffix: str) -> dict[str, float]:
+        out = {f"tokens_per_s{suffix}": rate}
         if self.peak:
-            out["mfu"] = rate / self.tokens * self.flops / self.peak
+            out[f"mfu{suffix}"] = rate / self.tokens * self.flops / self.peak
         return out
 
 
@@ -237,23 +253,37 @@ def plot_losses(
 ) -> None:
     """Train and validation loss against the step, as a PNG; ``baseline`` (the
     unigram loss) as a dashed line."""
+    plot_runs({"": records}, path, baseline)
+
+
+def plot_runs(
+    runs: Mapping[str, list[dict]], path: str | os.PathLike, baseline: float | None = None
+) -> None:
+    """Each run's train (line) and validation (dashed, a marker per evaluation) loss
+    against the step, one colour per run (label: its key), as a PNG; ``baseline`` as a
+    dashed grey line."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(7, 4))
-    for key, label in (("loss", "train"), ("val_loss", "validation")):
-        points = [(r["step"], r[key]) for r in records if key in r]
-        if points:
+    for i, (name, records) in enumerate(runs.items()):
+        for key, label in (("loss", "train"), ("val_loss", "validation")):
+            points = [(r["step"], r[key]) for r in records if key in r]
+            if not points:
+                continue
             steps, values = zip(*points, strict=True)
-            ax.plot(steps, values, label=label, marker="o" if key == "val_loss" else None)
+            style = {"marker": "o", "linestyle": "--" if name else "-"} if key == "val_loss" else {}
+            if name:  # several runs: a colour each
+                style["color"] = f"C{i % 10}"
+            ax.plot(steps, values, label=f"{name} {label}".strip(), **style)
     if baseline is not None:
         ax.axhline(baseline, color="gray", linestyle="--", label="unigram baseline")
     ax.set_xlabel("step")
     ax.set_ylabel("cross-entropy (nats/token)")
     ax.grid(alpha=0.3)
-    ax.legend()
+    ax.legend(fontsize="small" if len(runs) > 2 else None)
     fig.tight_layout()
     png = io.BytesIO()
     fig.savefig(png, format="png", dpi=100)
@@ -261,29 +291,97 @@ def plot_losses(
     epath.Path(path).write_bytes(png.getvalue())
 
 
-def finish(workdir: str | os.PathLike, unigram: float, progress: Progress) -> dict[str, Any]:
+MEAN_KEYS = ("tokens_per_s_mean", "mfu_mean", "timed_steps")
+
+
+def finish(
+    workdir: str | os.PathLike,
+    unigram: float,
+    progress: Progress,
+    throughput: Mapping[str, float] | None = None,
+) -> dict[str, Any]:
     """After a run: the loss plot, and the summary printed and written to
-    ``summary.json``; returns the final record (the last logged values)."""
+    ``summary.json``; returns the final record (the last logged values, and
+    ``throughput``: ``Throughput.mean()`` of this launch, or the previous summary's
+    when this launch trained no step)."""
     workdir = wd.path(workdir)
     records = read_jsonl(workdir / JSONL)
     plot_losses(records, workdir / PLOT, baseline=unigram)
-    final = {"unigram_loss": unigram, "workdir": str(workdir)}
+    path = workdir / "summary.json"
+    if not throughput and path.exists():
+        throughput = {k: v for k, v in json.loads(path.read_text()).items() if k in MEAN_KEYS}
+    final = {**(throughput or {}), "unigram_loss": unigram, "workdir": str(workdir)}
     progress.message("summary:\n" + summary(records, final))
     record = {**(records[-1] if records else {}), **final}
-    (workdir / "summary.json").write_text(json.dumps(record, indent=2))
+    path.write_text(json.dumps(record, indent=2))
     return record
 
 
 def summary(records: list[dict], extra: Mapping[str, Any]) -> str:
-    """A few lines: the final train/val loss, perplexity, speed and ``extra``."""
+    """A few lines: the final train/val loss, perplexity, speed (the last logging
+    interval's, and the mean in ``extra``) and the rest of ``extra``."""
     last = {}
     for r in records:
         last.update(r)
+    last.update(extra)
     rows = [("steps", last.get("step"))]
-    for key in ("loss", "val_loss", "val_ppl", "tokens_per_s", "mfu"):
+    shown = ("loss", "val_loss", "val_ppl", "tokens_per_s", "tokens_per_s_mean", "mfu", "mfu_mean")
+    for key in shown:
         if key in last:
             rows.append((key, last[key]))
-    rows += list(extra.items())
+    rows += [(k, v) for k, v in extra.items() if k not in shown]
     width = max(len(k) for k, _ in rows)
     fmt = lambda v: f"{v:.4g}" if isinstance(v, float) else str(v)
     return "\n".join(f"  {k.ljust(width)}  {fmt(v)}" for k, v in rows)
+
+
+def _last(records: list[dict], key: str) -> Any:
+    return next((r[key] for r in reversed(records) if key in r), None)
+
+
+SWEEP = "sweep"  # sweep.md, sweep.csv, sweep.png in a sweep's root
+SWEEP_COLUMNS = ("point", "steps", "train_loss", "val_loss", "tokens_per_s_mean")
+
+
+def write_sweep(root: str | os.PathLike, points: Mapping[str, str | os.PathLike]) -> list[dict]:
+    """Compare a sweep's points (label -> workdir) in ``root``: ``sweep.md`` and
+    ``sweep.csv`` (each point's last step, final train and validation loss from its
+    metrics.jsonl, mean tokens/s from its summary.json) and ``sweep.png`` (their
+    curves, ``plot_runs``). A point with nothing logged gets empty cells. Returns the rows."""
+    root, rows, curves = wd.path(root), [], {}
+    for label, workdir in points.items():
+        workdir = wd.path(workdir)
+        records = read_jsonl(workdir / JSONL)
+        done = workdir / "summary.json"
+        final = json.loads(done.read_text()) if done.exists() else {}
+        rows.append(
+            {
+                "point": label,
+                "steps": _last(records, "step"),
+                "train_loss": _last(records, "loss"),
+                "val_loss": _last(records, "val_loss"),
+                "tokens_per_s_mean": final.get("tokens_per_s_mean"),
+            }
+        )
+        curves[label] = records
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=SWEEP_COLUMNS, lineterminator="\n")
+    writer.writeheader()
+    writer.writerows(rows)
+    (root / f"{SWEEP}.csv").write_text(buf.getvalue())
+    cell = lambda v, f: "-" if v is None else format(v, f)
+    md = [
+        "| point | steps | train loss | val loss | tokens/s (mean) |",
+        "|---|---|---|---|---|",
+        *(
+            f"| {r['point']} | {cell(r['steps'], 'd')} | {cell(r['train_loss'], '.4f')} | "
+            f"{cell(r['val_loss'], '.4f')} | {cell(r['tokens_per_s_mean'], ',.0f')} |"
+            for r in rows
+        ),
+        "",
+        "Losses (nats/token) at each point's last logged step (train: the mean since the "
+        "log before); tokens/s: the mean over its timed steps (summary.json).",
+    ]
+    (root / f"{SWEEP}.md").write_text("\n".join(md) + "\n")
+    plot_runs(curves, root / f"{SWEEP}.png")
+    return rows

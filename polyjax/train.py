@@ -13,7 +13,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import functools
-import json
 import math
 import os
 import sys
@@ -287,6 +286,15 @@ def train(spec: Spec, workdir: str | os.PathLike, out: TextIO | None = None) -> 
             max_seq_len=spec.model.max_seq_len,
             model_vocab_size=spec.model.vocab_size,
         )
+        data_iter = pipeline.train_iter()
+        if found.step is not None:  # the data on disk is still the stream it saved
+            try:
+                data_iter.check_state(ckpt.data_state(workdir, found.step))
+            except ValueError as e:
+                raise ValueError(f"{workdir}, checkpoint {found.step}: {e}") from None
+    if found.step is not None:
+        for change in ckpt.config_changes(found.config, spec.config):
+            say(f"config changed since step {found.step}: {change}")
 
     with contextlib.ExitStack() as stack:
         # --- The workdir: locked, damaged checkpoints set aside. --------------------
@@ -296,7 +304,6 @@ def train(spec: Spec, workdir: str | os.PathLike, out: TextIO | None = None) -> 
         start = resume or 0
 
         # --- Input pipeline. --------------------------------------------------------
-        data_iter = pipeline.train_iter()
         next_batch = lambda: shd.put_batch(next(data_iter), steps.batch_sharding)
 
         # --- Model and optimizer; shard and transfer. -------------------------------
@@ -318,8 +325,8 @@ def train(spec: Spec, workdir: str | os.PathLike, out: TextIO | None = None) -> 
             start, state, data_state = checkpointer.restore_newest(state, spec.config, resume)
             data_iter.set_state(data_state)
             say(f"resumed from {ckpt.directory(workdir)} at step {start}")
-        if primary:
-            (workdir / "config.json").write_text(json.dumps(spec.config, indent=2))
+        if primary and start < tcfg.steps:  # config.json; this segment's in the history
+            ckpt.record_config(workdir, spec.config, start)
         signals = stack.enter_context(ckpt.StopSignals())
         progress = mx.Progress(tcfg.steps, start, out)
         writer = stack.enter_context(mx.Writer(workdir, start, progress, primary))
@@ -405,7 +412,7 @@ def train(spec: Spec, workdir: str | os.PathLike, out: TextIO | None = None) -> 
 
         if primary:
             writer.close()
-            record = mx.finish(workdir, unigram, writer.progress)
+            record = mx.finish(workdir, unigram, writer.progress, meter.mean())
         return {**record, "unigram_loss": unigram}
 
 

@@ -56,7 +56,7 @@ def test_latest_of_an_empty_workdir(tmp_path):
 
 
 def test_compatible_ignores_runtime_fields():
-    other = {**CONFIG, "optim": {"lr": 5.0}}
+    other = {**CONFIG, "optim": {"lr": 5.0}, "data": {**CONFIG["data"], "global_batch": 4}}
     other["model"] = {
         **CONFIG["model"],
         "dtype": "bfloat16",
@@ -71,6 +71,8 @@ def test_compatible_ignores_runtime_fields():
         ("model", {"d_model": 16}, "model.d_model"),
         ("model", {"activation": {"name": "swiglu", "kernel": "xla"}}, "model.activation.name"),
         ("data", {"vocab_size": 512}, "data.vocab_size"),
+        ("data", {"seed": 1}, "data.seed"),  # the stream's order
+        ("data", {"val_fraction": 0.1}, "data.val_fraction"),  # its windows
     ],
 )
 def test_incompatible_names_the_field(section, change, field):

@@ -100,6 +100,35 @@ def test_resume_refuses_a_state_of_another_stream(corpus):
         other.set_state(it.get_state())
 
 
+def test_resume_under_another_global_batch_reads_the_next_windows(corpus):
+    """A state saved under batch 16 after 80 windows resumes under 8 (80 is a multiple)
+    and 24 (it is not: an offset of 8), and on 2 processes, at the same stream position:
+    the rows read next are the uninterrupted stream's next rows; the state saved then
+    resumes under 16 again."""
+    rows = lambda batches: np.concatenate([b["inputs"] for b in batches])
+    stream = rows(_take(make_pipeline(_cfg(corpus)).train_iter(), 12))  # 192 windows
+    it = make_pipeline(_cfg(corpus)).train_iter()
+    _take(it, 5)  # 80 windows read
+    saved = json.loads(json.dumps(it.get_state()))
+    for batch in (8, 24):
+        resumed = make_pipeline(_cfg(corpus, global_batch=batch)).train_iter()
+        resumed.set_state(saved)
+        np.testing.assert_array_equal(rows(_take(resumed, 2)), stream[80 : 80 + 2 * batch])
+        again = make_pipeline(_cfg(corpus)).train_iter()  # and back to batch 16
+        again.set_state(json.loads(json.dumps(resumed.get_state())))
+        at = 80 + 2 * batch
+        np.testing.assert_array_equal(rows(_take(again, 2)), stream[at : at + 32])
+    shares = []
+    for p in range(2):
+        cfg = _cfg(corpus, global_batch=24)
+        share = make_pipeline(cfg, process_index=p, process_count=2).train_iter()
+        share.set_state(saved)
+        shares.append(next(share)["inputs"])
+    rebuilt = np.empty((24, shares[0].shape[1]), shares[0].dtype)
+    rebuilt[0::2], rebuilt[1::2] = shares  # process p holds global rows p, p + 2, ...
+    np.testing.assert_array_equal(rebuilt, stream[80:104])
+
+
 @pytest.mark.parametrize("count", [2, 4])
 def test_process_shares_are_disjoint_cover_the_global_batch_and_read_only_their_rows(
     corpus, count, monkeypatch

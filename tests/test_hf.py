@@ -4,8 +4,10 @@ field. With torch installed (not in CI), the exported checkpoints are loaded by
 LlamaForCausalLM, OlmoeForCausalLM and the shipped PolyCom modelling file and give
 polyjax's logits."""
 
+import dataclasses
 import functools
 import json
+import math
 import pathlib
 import runpy
 
@@ -15,11 +17,14 @@ import numpy as np
 import pytest
 from flax import nnx
 
+from polyjax import activations as acts
 from polyjax import hf, sample, train
-from polyjax.config import Spec
+from polyjax.config import Spec, TrainConfig
+from polyjax.data import DataConfig
 from polyjax.data.tokenizers import ByteTokenizer
 from polyjax.model import ModelConfig, Transformer
-from polyjax.restore import load_run
+from polyjax.optim import OptimConfig
+from polyjax.restore import Run, load_run
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
@@ -217,11 +222,13 @@ def test_unexpected_and_missing_tensors_are_refused():
 
 
 def test_cli_round_trip_export_import_train_and_sample(tmp_path, capsys, tiny, launch_py):
-    """A run -> export -> import -> the same parameters and logits; the imported
-    workdir samples, resumes training with its config.py, and exports again."""
-    cfg = tiny.config(**{"train.steps": 1, "train.checkpoint_every": 1})
+    """A run -> export -> import -> the same parameters and logits, and the run's
+    training config (not the defaults); the imported workdir samples, resumes
+    training with its config.py, and exports again."""
+    cfg = tiny.config(**{"train.steps": 1, "train.checkpoint_every": 1, "optim.lr": 2e-3})
     cfg.unlock().model.activation.name = "swiglu"
     cfg.model.d_ff = 128  # 2/3 of the tiny 192, as the equal-parameter rule gives
+    run = Spec.from_config(cfg).config
     train.train(Spec.from_config(cfg), tmp_path / "run")
     assert (
         hf.main(["export", "--workdir", str(tmp_path / "run"), "--out", str(tmp_path / "hf")]) == 0
@@ -229,6 +236,9 @@ def test_cli_round_trip_export_import_train_and_sample(tmp_path, capsys, tiny, l
     assert "as llama" in capsys.readouterr().out
     assert hf.main(["import", str(tmp_path / "hf"), "--out", str(tmp_path / "back")]) == 0
     assert "imported llama" in capsys.readouterr().out
+    back = json.loads((tmp_path / "back" / "config.json").read_text())
+    assert back["optim"] == run["optim"] and back["train"] == run["train"]
+    assert back["data"] == run["data"] | {"tokenizer": str(tmp_path / "back" / "tokenizer.json")}
     original, imported = load_run(tmp_path / "run"), load_run(tmp_path / "back")
     a, b = hf.flat_params(original.model), hf.flat_params(imported.model)
     assert a.keys() == b.keys()
@@ -249,6 +259,73 @@ def test_cli_round_trip_export_import_train_and_sample(tmp_path, capsys, tiny, l
     resumed.train.steps = 1
     out = train.train(Spec.from_config(resumed), tmp_path / "back")
     assert np.isfinite(out["loss"]) and load_run(tmp_path / "back").step == 1
+
+
+def test_import_config_is_the_exported_runs_training_config_else_the_defaults(tmp_path, tiny):
+    """An export of a polyjax run carries its data, optim and train sections (lr,
+    batch, steps, warmup unlike the defaults); a checkpoint from elsewhere (a Llama)
+    imports with the defaults; ``--seq_len`` overrides either."""
+    changes = {"optim.lr": 2e-3, "data.global_batch": 16, "train.steps": 600}
+    run = tiny.spec(**changes, **{"optim.warmup_steps": 50}).config
+    cfg = tiny_config("llama")
+    tok = str(tmp_path / "tokenizer.json")
+    exported = hf.import_config(hf_llama_config(polyjax={"config": run}), cfg, tok, "n")
+    for section in ("optim", "train"):
+        assert exported[section] == run[section], section
+    assert exported["data"] == run["data"] | {"tokenizer": tok}
+    plain = hf.import_config(hf_llama_config(), cfg, tok, "n")
+    assert plain["optim"] == dataclasses.asdict(OptimConfig())
+    assert plain["train"] == dataclasses.asdict(TrainConfig())
+    assert plain["data"] == dataclasses.asdict(
+        DataConfig(tokenizer=tok, seq_len=cfg.max_seq_len, global_batch=math.lcm(8, 8))
+    )  # the default 256 cut to the model's 32 positions
+    assert plain["optim"]["lr"] != exported["optim"]["lr"]
+    short = hf.import_config(hf_llama_config(polyjax={"config": run}), cfg, tok, "n", 8)
+    assert short["data"]["seq_len"] == 8
+
+
+@pytest.fixture
+def polysin(monkeypatch):
+    """A user's new activation, "polysin" (sin(x)), and a new polycom base "sin",
+    registered as a user would: computed in polyjax, unknown to the modelling file."""
+    monkeypatch.setitem(acts.REGISTRY, "polysin", acts.ActivationSpec("polysin"))
+    monkeypatch.setitem(acts.BASES, "polysin", jnp.sin)
+    monkeypatch.setitem(acts.BASES, "sin", jnp.sin)
+
+
+@pytest.mark.parametrize(
+    "activation,refused,listed",
+    [
+        ({"name": "polysin"}, "activation 'polysin'", "polynorm"),
+        ({"name": "polycom", "base": "sin"}, "activation.base 'sin'", "gelu_tanh"),
+    ],
+)
+def test_export_refuses_what_the_modelling_file_cannot_compute(
+    tmp_path, capsys, monkeypatch, polysin, activation, refused, listed
+):
+    """One line naming the activation (or base) and what the file computes, exit 2,
+    nothing written."""
+    cfg = ModelConfig.from_dict(
+        dict(vocab_size=264, d_model=32, n_layers=1, n_heads=4, max_seq_len=32, d_ff=64)
+        | {"activation": activation}
+    )
+    model = Transformer(cfg, rngs=nnx.Rngs(0))
+    with pytest.raises(ValueError, match=refused) as e:
+        hf.write_export(tmp_path / "out", cfg, hf.flat_params(model), ByteTokenizer())
+    assert listed in str(e.value) and "\n" not in str(e.value)
+    run = Run(cfg, model, ByteTokenizer(), None, 1, {})
+    monkeypatch.setattr(hf, "load_run", lambda workdir: run)
+    assert hf.main(["export", "--workdir", "w", "--out", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("polyjax.hf: error: ") and refused in err and "\n" not in err
+    assert not (tmp_path / "out").exists()
+
+
+def test_the_modelling_file_computes_every_registered_activation_and_base():
+    """So that the refusal above only meets activations added after it."""
+    activations, bases = hf.shipped_activations()
+    assert set(acts.REGISTRY) <= set(activations)
+    assert set(acts.BASES) <= set(bases)
 
 
 # ----------------------------------------------------------------------------

@@ -1,5 +1,8 @@
 """launch.py: overrides, sweeps, dry run, and one-line errors before any compile."""
 
+import csv
+import io
+import json
 import pathlib
 
 import jax
@@ -76,14 +79,32 @@ def test_dry_run_prints_counts_and_the_plan_of_every_parameter(launch_py, tiny, 
 
 
 def test_override_and_sweep(tmp_path, launch_py, tiny):
+    """Each point runs with the override; the sweep's root gets a table of the points
+    (from their metrics.jsonl and summary.json) and their curves, again when the
+    sweep is launched once more with every point done."""
     argv = [*tiny.argv(**RUN), f"--workdir={tmp_path}", "--sweep", "model.activation.order=1,2"]
     result = launch_py(*argv, "--config.optim.lr=0.01")
     assert result.code == 0, result.err
+    expected = []
     for order in (1, 2):
         run = tmp_path / f"model.activation.order={order}"
         saved = (run / "config.json").read_text()
         assert f'"order": {order}' in saved and '"lr": 0.01' in saved
-        assert [r["step"] for r in mx.read_jsonl(run / mx.JSONL)] == [1, 2]
+        records = mx.read_jsonl(run / mx.JSONL)
+        assert [r["step"] for r in records] == [1, 2]
+        summary = json.loads((run / "summary.json").read_text())
+        values = (records[-1]["loss"], records[-1]["val_loss"], summary["tokens_per_s_mean"])
+        expected.append([f"model.activation.order={order}", "2", *map(str, values)])
+    table = (tmp_path / "sweep.csv").read_text()
+    assert list(csv.reader(io.StringIO(table))) == [list(mx.SWEEP_COLUMNS), *expected]
+    md = (tmp_path / "sweep.md").read_text()
+    assert f"| model.activation.order=2 | 2 | {float(expected[1][2]):.4f} |" in md
+    assert (tmp_path / "sweep.png").read_bytes()[:4] == b"\x89PNG"
+    for name in ("sweep.csv", "sweep.md", "sweep.png"):
+        (tmp_path / name).unlink()
+    again = launch_py(*argv, "--config.optim.lr=0.01")  # every point done: none trains
+    assert again.code == 0 and "sweep: " in again.out, again.err
+    assert (tmp_path / "sweep.csv").read_text() == table
 
 
 def test_overrides_are_typed_by_the_field(launch_py, tiny):

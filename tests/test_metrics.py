@@ -69,3 +69,31 @@ def test_throughput_and_mfu_leave_out_paused_time(monkeypatch):
     got = meter.measure(9)  # 8 steps of 100 tokens in 8 - 1 = 7 seconds of training
     assert got["tokens_per_s"] == pytest.approx(800 / 7, rel=1e-12)
     assert got["mfu"] == pytest.approx((8 / 7) * 6e6 / 1e9, rel=1e-12)
+
+
+def test_throughput_mean_is_all_timed_tokens_over_their_time(monkeypatch):
+    # start, measure, pause in, pause out, measure
+    clock = iter([0.0, 2.0, 3.0, 4.0, 7.0])
+    monkeypatch.setattr(mx.time, "perf_counter", lambda: next(clock))
+    meter = mx.Throughput(tokens_per_step=100, flops_per_step=6e6, peak=1e9)
+    meter.start(1)
+    assert meter.mean() == {}  # nothing timed yet
+    assert meter.measure(5)["tokens_per_s"] == pytest.approx(400 / 2)  # 4 steps in 2 s
+    with meter.paused():
+        pass
+    assert meter.measure(6)["tokens_per_s"] == pytest.approx(100 / 4)  # 1 step in 5 - 1 s
+    mean = meter.mean()  # 5 steps in 6 s, not the mean of 200 and 25 (112.5)
+    assert mean["tokens_per_s_mean"] == pytest.approx(500 / 6, rel=1e-12)
+    assert mean["mfu_mean"] == pytest.approx((5 / 6) * 6e6 / 1e9, rel=1e-12)
+    assert mean["timed_steps"] == 5
+    text = mx.summary([{"step": 6, "loss": 2.0, "tokens_per_s": 25.0}], mean)
+    assert "tokens_per_s       25" in text and "tokens_per_s_mean  83.33" in text
+
+
+def test_finish_keeps_the_mean_of_a_launch_that_trained_nothing(tmp_path):
+    """A finished run launched again trains no step: its summary keeps the mean."""
+    mx.Writer(tmp_path).close()
+    progress = mx.Progress(2, stream=io.StringIO())
+    first = mx.finish(tmp_path, 4.0, progress, {"tokens_per_s_mean": 123.0, "timed_steps": 3})
+    again = mx.finish(tmp_path, 4.0, progress, {})
+    assert first["tokens_per_s_mean"] == again["tokens_per_s_mean"] == 123.0

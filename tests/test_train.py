@@ -2,6 +2,8 @@
 
 import collections
 import contextlib
+import io
+import itertools
 import json
 import math
 import os
@@ -19,11 +21,12 @@ import pytest
 from flax import nnx
 
 from configs import moe
+from polyjax import checkpoint as ckpt
 from polyjax import metrics as mx
 from polyjax import optim, train
 from polyjax import sharding as shd
-from polyjax.config import Spec
-from polyjax.data import pipeline
+from polyjax.config import InputError, Spec
+from polyjax.data import make_pipeline, pipeline
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 RUN = {"train.steps": 6, "train.checkpoint_every": 3}
@@ -129,6 +132,69 @@ def test_resume_is_bitwise(tmp_path, tiny, monkeypatch):
     monkeypatch.undo()
     train.train(spec, tmp_path / "resumed")
     assert losses(tmp_path / "resumed") == losses(tmp_path / "full")  # bitwise, steps 1..6
+
+
+def test_resume_with_a_changed_config_says_so_keeps_the_history_and_the_stream(
+    tmp_path, tiny, trained, monkeypatch
+):
+    """The trained run (6 steps of batch 8) resumed with another lr, more steps and
+    batch 32 (48 windows read: not a multiple of it): one line per changed field,
+    config.json the new config and the history both segments; the windows read next
+    are the uninterrupted stream's next ones (windows 48..111, read independently),
+    and the run goes on to step 8."""
+    shutil.copytree(trained.path, tmp_path / "run")
+    before = json.loads((trained.path / "config.json").read_text())
+    changed = {"optim.lr": 2e-3, "train.steps": 8, "data.global_batch": 32}
+    spec = tiny.spec(**{**trained.run, **changed})
+    read = []
+    real = pipeline.TrainIterator.__next__
+    monkeypatch.setattr(
+        pipeline.TrainIterator, "__next__", lambda self: read.append(real(self)) or read[-1]
+    )
+    out = io.StringIO()
+    train.train(spec, tmp_path / "run", out=out)
+    lines = [line for line in out.getvalue().splitlines() if line.startswith("config changed")]
+    assert lines == [
+        "config changed since step 6: data.global_batch: 8 -> 32",
+        "config changed since step 6: optim.lr: 0.001 -> 0.002",
+        "config changed since step 6: train.steps: 6 -> 8",
+    ]
+    assert json.loads((tmp_path / "run" / "config.json").read_text()) == spec.config
+    history = mx.read_jsonl(tmp_path / "run" / ckpt.HISTORY)
+    assert [h["start_step"] for h in history] == [0, 6]
+    assert [h["config"] for h in history] == [before, spec.config]
+    monkeypatch.undo()
+    p = make_pipeline(tiny.spec(**trained.run).data)
+    windows = np.concatenate([b["inputs"] for b in itertools.islice(p.train_iter(), 14)])
+    np.testing.assert_array_equal(np.concatenate([b["inputs"] for b in read[:2]]), windows[48:112])
+    assert [r["step"] for r in mx.read_jsonl(tmp_path / "run" / mx.JSONL)] == list(range(1, 9))
+
+
+def test_resume_on_changed_data_is_one_line_before_compiling(
+    tmp_path, tiny, trained, monkeypatch, compiled
+):
+    """The same config over data whose tokens changed on disk (the stream's
+    fingerprint differs): refused in one line naming the checkpoint, nothing compiled."""
+    shutil.copytree(trained.path, tmp_path / "run")
+    real = pipeline._spans
+    monkeypatch.setattr(pipeline, "_spans", lambda cfg: (*real(cfg)[:3], "edited"))
+    with pytest.raises(InputError, match=r"checkpoint 6: .*\['data'\] differ") as e:
+        train.train(tiny.spec(**trained.run), tmp_path / "run")
+    assert "\n" not in str(e.value) and compiled() == []
+
+
+def test_summary_reports_the_mean_tokens_per_s_beside_the_last_interval(trained):
+    """summary.json: ``tokens_per_s`` is the last logged interval's;
+    ``tokens_per_s_mean`` the run's timed tokens over their time, which is the
+    step-weighted harmonic mean of the logged intervals' rates (step 1 compiles and
+    is not timed)."""
+    records = [r for r in mx.read_jsonl(trained.path / mx.JSONL) if "tokens_per_s" in r]
+    steps = np.diff([1] + [r["step"] for r in records])
+    rates = np.array([r["tokens_per_s"] for r in records])
+    summary = json.loads((trained.path / "summary.json").read_text())
+    assert summary["timed_steps"] == steps.sum() == trained.run["train.steps"] - 1
+    assert summary["tokens_per_s"] == records[-1]["tokens_per_s"]
+    assert summary["tokens_per_s_mean"] == pytest.approx(steps.sum() / (steps / rates).sum())
 
 
 def _free_port():

@@ -1,10 +1,12 @@
 """The training stream: tokenised corpus -> packed windows -> shuffled, per-process, batched
 (Grain MapDataset), plus fixed validation batches and the unigram baseline.
 
-Global batch b is the windows at shuffled positions [b G, (b+1) G) of the endless stream of
-epochs (each epoch a new permutation of all windows); process p of P takes the positions
-congruent to p mod P, so the global batches do not depend on P, each host reads only its
-rows, and the iterator state is one integer: the next batch index."""
+Global batch b is the windows at shuffled positions [o + b G, o + (b+1) G) of the endless
+stream of epochs (each epoch a new permutation of all windows); process p of P takes the
+positions o + p + k P, so the global batches do not depend on P and each host reads only its
+rows. The iterator state is the next batch index b and the offset o (0 unless the run
+resumed under another global batch): a state saved under batch G resumes under batch G' at
+the same stream position, o + b G, cut into batches of G' from there."""
 
 from __future__ import annotations
 
@@ -29,14 +31,24 @@ def _per_process_rows(rows: int, global_batch: int, process_index: int, process_
 
 
 class TrainIterator:
-    """Iterator over training batches with a JSON-able, checkpointable state."""
+    """Iterator over training batches with a JSON-able, checkpointable state:
+    ``next_batch``, ``offset`` (the stream position of batch 0, in windows) and the
+    ``stream`` it belongs to. ``make(offset)`` gives this process's batches from there."""
 
-    def __init__(self, dataset, read_threads: int, stream: dict):
+    # What a state must share with the stream that resumes it (the global batch may change).
+    FIXED = ("data", "seq_len", "seed")
+
+    def __init__(self, make, read_threads: int, stream: dict):
+        self._make, self._threads, self._stream = make, read_threads, stream
+        self._start(0)
+
+    def _start(self, offset: int) -> None:
         import grain
 
-        options = grain.ReadOptions(num_threads=read_threads, prefetch_buffer_size=2 * read_threads)
-        self._it = iter(dataset.to_iter_dataset(options))
-        self._stream = stream
+        threads = self._threads
+        options = grain.ReadOptions(num_threads=threads, prefetch_buffer_size=2 * threads)
+        self._it = iter(self._make(offset).to_iter_dataset(options))
+        self._offset = offset
 
     def __iter__(self):
         return self
@@ -45,17 +57,33 @@ class TrainIterator:
         return next(self._it)
 
     def get_state(self) -> dict:
-        return {"next_batch": self._it.get_state()["next_index"], "stream": self._stream}
+        return {
+            "next_batch": self._it.get_state()["next_index"],
+            "offset": self._offset,
+            "stream": self._stream,
+        }
 
-    def set_state(self, state: dict) -> None:
+    def check_state(self, state: dict) -> None:
+        """ValueError (one line) unless ``state`` is of this stream (the same data,
+        sequence length and seed; any global batch)."""
         saved = state.get("stream", {})
-        diff = sorted(k for k in self._stream if saved.get(k) != self._stream[k])
+        diff = [k for k in self.FIXED if saved.get(k) != self._stream[k]]
         if diff:
             raise ValueError(
                 f"data iterator state is for another stream: {diff} differ "
                 f"(saved {[saved.get(k) for k in diff]}, now {[self._stream[k] for k in diff]})"
             )
-        self._it.set_state({"next_index": int(state["next_batch"])})
+
+    def set_state(self, state: dict) -> None:
+        """Continue after ``state``: at the same stream position, in batches of this
+        iterator's global batch (the state's own or another)."""
+        self.check_state(state)
+        batch = self._stream["global_batch"]
+        saved_batch = state["stream"].get("global_batch", batch)
+        window = int(state.get("offset", 0)) + int(state["next_batch"]) * saved_batch
+        if window % batch != self._offset:
+            self._start(window % batch)
+        self._it.set_state({"next_index": window // batch})
 
 
 class Pipeline:
@@ -94,15 +122,18 @@ class Pipeline:
 
         shuffle_seed = int(np.random.SeedSequence(self.seed).generate_state(1)[0])
         ds = grain.MapDataset.source(self.train).shuffle(seed=shuffle_seed).repeat()
-        ds = ds[self.process_index :: self.process_count]
-        ds = ds.batch(self.local_batch, drop_remainder=True).map(self._batch_fn)
+
+        def make(offset: int):
+            mine = ds[offset + self.process_index :: self.process_count]
+            return mine.batch(self.local_batch, drop_remainder=True).map(self._batch_fn)
+
         stream = {
             "data": self.fingerprint,
             "seq_len": self.train.width - 1,
             "global_batch": self.global_batch,
             "seed": self.seed,
         }
-        return TrainIterator(ds, self.read_threads, stream)
+        return TrainIterator(make, self.read_threads, stream)
 
     def eval_batches(self, num_batches: int) -> list[dict[str, np.ndarray]]:
         """The first `num_batches` validation batches in a fixed order (fewer when the
