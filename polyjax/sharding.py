@@ -82,9 +82,7 @@ def make_mesh(shape: Mapping[str, int], devices: Sequence[jax.Device] | None = N
     except NotImplementedError:  # a TPU torus whose axes the sizes cannot follow whole
         from jax.experimental import mesh_utils
 
-        grid_devices = mesh_utils.create_device_mesh(
-            grid, devices, allow_split_physical_axes=True
-        )
+        grid_devices = mesh_utils.create_device_mesh(grid, devices, allow_split_physical_axes=True)
         return Mesh(grid_devices, MESH_AXES, axis_types=types)
 
 
