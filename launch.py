@@ -5,6 +5,7 @@
     python launch.py --config configs/dense.py --sweep model.activation.order=1,2,3,4
     python launch.py --config configs/moe.py:size=1b --dry_run
     python launch.py --experiment order --size cpu --seeds 0,1,2   # a study (experiments/)
+    srun python launch.py ...                          # multi-host: SLURM, mpirun, TPU VMs
     python launch.py ... --coordinator 10.0.0.1:1234 --num_processes 2 --process_id 0
     python launch.py --sample --workdir runs/default --prompt "ROMEO:" --max_new_tokens 200
     python launch.py --eval --workdir runs/default --tasks arc_easy,hellaswag   # needs .[eval]
