@@ -5,6 +5,7 @@
     python launch.py --config configs/dense.py --sweep model.activation.order=1,2,3,4
     python launch.py --config configs/moe.py:size=1b --dry_run
     python launch.py --experiment order --size cpu --seeds 0,1,2   # a study (experiments/)
+    srun python launch.py ...                          # multi-host: SLURM, mpirun, TPU VMs
     python launch.py ... --coordinator 10.0.0.1:1234 --num_processes 2 --process_id 0
     python launch.py --sample --workdir runs/default --prompt "ROMEO:" --max_new_tokens 200
     python launch.py --eval --workdir runs/default --tasks arc_easy,hellaswag   # needs .[eval]
@@ -31,7 +32,6 @@ import contextlib
 import difflib
 import itertools
 import logging
-import os
 import pathlib
 import re
 import shlex
@@ -46,7 +46,7 @@ from absl import logging as absl_logging
 from ml_collections import config_flags
 
 from experiments import run as experiments
-from polyjax import aot, memory, nonfinite, train
+from polyjax import aot, cluster, memory, nonfinite, train
 from polyjax import checkpoint as ckpt
 from polyjax import metrics as mx
 from polyjax import sharding as shd
@@ -55,7 +55,6 @@ from polyjax.config import InputError, Spec
 from polyjax.model import flops_per_token, param_counts
 
 DEFAULT_CONFIG = str(pathlib.Path(__file__).resolve().parent / "configs" / "default.py")
-POD_ENV = ("JAX_COORDINATOR_ADDRESS", "TPU_WORKER_HOSTNAMES", "MEGASCALE_COORDINATOR_ADDRESS")
 USAGE_EXIT, NONFINITE_EXIT, SAVE_EXIT = 2, 3, 4
 
 # The command line config_flags reads the --config.<field> overrides from: set by
@@ -162,15 +161,18 @@ def parse_flags(argv: Sequence[str]) -> list[str]:
     for name in [n for n in FLAGS if n.startswith("config.")]:
         delattr(FLAGS, name)
     try:
-        rest = FLAGS(argv)
-    except flags.Error as e:
-        raise app.UsageError(_flag_error(e)) from None
-    except (AttributeError, KeyError) as e:  # config_flags: an override that names no field
-        raise app.UsageError(_unknown_field(argv) or repr(e)) from None
-    try:
-        CONFIG.value.to_dict()
-    except OSError as e:  # config_flags defers a file it cannot load to the first use
-        raise app.UsageError(f"--config: {_innermost(e).splitlines()[-1].strip()}") from None
+        try:
+            rest = FLAGS(argv)
+            CONFIG.value.to_dict()  # config_flags defers a file it cannot load to the first use
+        except flags.Error as e:
+            raise app.UsageError(_flag_error(e)) from None
+        except OSError as e:  # the config file cannot be loaded (with overrides: while parsing)
+            raise app.UsageError(f"--config: {_innermost(e).splitlines()[-1].strip()}") from None
+        except (AttributeError, KeyError) as e:  # config_flags: an override that names no field
+            raise app.UsageError(_unknown_field(argv) or repr(e)) from None
+    except app.UsageError:
+        FLAGS.mark_as_parsed()  # absl's app.run reads its own flags when main exits non-zero
+        raise
     return rest
 
 
@@ -215,15 +217,13 @@ def _paths(cfg: ml_collections.ConfigDict, prefix: str = "") -> tuple[list[str],
 
 
 def init_distributed() -> None:
-    """``jax.distributed.initialize`` when the flags or the environment ask for it."""
-    given = (COORDINATOR.value, NUM_PROCESSES.value, PROCESS_ID.value)
-    explicit = any(f is not None for f in given)
-    if explicit and any(f is None for f in given):
-        raise app.UsageError("--coordinator, --num_processes and --process_id go together")
-    if explicit or any(os.environ.get(k) for k in POD_ENV):
-        # CPU processes need a collectives implementation (no effect on GPU/TPU).
-        jax.config.update("jax_cpu_collectives_implementation", "gloo")
-        jax.distributed.initialize(*given) if explicit else jax.distributed.initialize()
+    """``jax.distributed.initialize`` from the flags, or from the cluster launcher
+    that started this process (SLURM, Open MPI, MPICH, Cloud TPU: ``polyjax.cluster``);
+    one line on stdout says which, and the process count."""
+    with bad_input():
+        said = cluster.initialize(COORDINATOR.value, NUM_PROCESSES.value, PROCESS_ID.value)
+    if said:
+        print(f"launch.py: {said}", flush=True)
 
 
 def sweep_root() -> pathlib.Path:
@@ -247,7 +247,10 @@ def sweep_points() -> list[tuple[ml_collections.ConfigDict, pathlib.Path]]:
         return [(base, root)]
     points = []
     for parts in itertools.product(*axes):
-        parse_flags([*_COMMAND, *(f"--config.{p}" for p in parts)])
+        try:
+            parse_flags([*_COMMAND, *(f"--config.{p}" for p in parts)])
+        except app.UsageError as e:
+            raise app.UsageError(f"--sweep {','.join(parts)}: {e}") from None
         cfg = CONFIG.value
         cfg.name = f"{base.name}[{','.join(parts)}]"
         points.append((cfg, root.joinpath(*parts)))

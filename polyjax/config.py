@@ -65,6 +65,10 @@ class TrainConfig:
     logging or checkpoint step). "skip": the update is skipped and the run goes on;
     it stops with a report once more than ``max_skips`` updates in total have been
     skipped.
+
+    ``profile_steps=(start, stop)``: a ``jax.profiler`` trace of steps start..stop-1
+    (as ``range``), written under ``<workdir>/tensorboard/plugins/profile/`` for
+    TensorBoard's profile plugin or XProf; ``(0, 0)``: no trace.
     """
 
     steps: int = 1000
@@ -78,6 +82,7 @@ class TrainConfig:
     peak_flops: float = 0.0
     nonfinite: str = "stop"
     max_skips: int = 10
+    profile_steps: tuple[int, int] = (0, 0)
 
     def __post_init__(self):
         minimum = {"steps": 1, "log_every": 1, "eval_batches": 1, "keep_checkpoints": 1}
@@ -92,6 +97,18 @@ class TrainConfig:
             raise ValueError(
                 f"train.nonfinite must be one of {', '.join(NONFINITE_POLICIES)}, "
                 f"got {self.nonfinite!r}"
+            )
+        window = tuple(self.profile_steps)
+        object.__setattr__(self, "profile_steps", window)  # a list from JSON, a tuple here
+        if window != (0, 0) and not (
+            len(window) == 2
+            and all(isinstance(v, int) and not isinstance(v, bool) for v in window)
+            and 1 <= window[0] < window[1] <= self.steps + 1
+        ):
+            raise ValueError(
+                f"train.profile_steps={window!r}: expected (start, stop) with 1 <= start < "
+                f"stop <= train.steps + 1 = {self.steps + 1} (steps start..stop-1 are traced), "
+                "or (0, 0) for none"
             )
 
     @classmethod

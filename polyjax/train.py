@@ -29,7 +29,7 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from polyjax import checkpoint as ckpt
-from polyjax import data, nonfinite, optim
+from polyjax import data, nonfinite, optim, profile
 from polyjax import metrics as mx
 from polyjax import sharding as shd
 from polyjax import workdir as wd
@@ -378,9 +378,11 @@ def train(spec: Spec, workdir: str | os.PathLike, out: TextIO | None = None) -> 
                 raise nonfinite.NonFiniteError(bad_step, report)
             return record
 
+        window = stack.enter_context(profile.Window(workdir, tcfg.profile_steps, start, say))
         losses, pending, record = [], None, {}
         for step in range(start + 1, tcfg.steps + 1):
             state, metrics = steps.train(state, next_batch())
+            window.after(step, (state, metrics))  # a profiler trace of train.profile_steps
             losses.append(metrics["loss"])
             if step == start + 1:  # the first step compiles: time from its end
                 jax.block_until_ready(metrics)

@@ -1,8 +1,10 @@
 """Shared fixtures: eight host CPU devices (set before anything imports jax), the tiny
-configs (``tiny``), the launcher run in this process (``launch_py``), jax's
-compilations since a test began (``compiled``) and a directory's contents
-(``snapshot``)."""
+configs (``tiny``), the launcher run in this process (``launch_py``) or as local
+processes (``launch_processes``), the shared trained runs (``trained``,
+``two_processes``), jax's compilations since a test began (``compiled``) and a
+directory's contents (``snapshot``)."""
 
+import fcntl
 import os
 
 # The tests run on the CPU; with libtpu and the CUDA plugin installed (the aot extra,
@@ -14,6 +16,10 @@ if "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", "")
 
 import dataclasses
 import pathlib
+import random
+import socket
+import subprocess
+import sys
 
 import jax
 import jax.monitoring
@@ -28,6 +34,11 @@ from polyjax.config import Spec
 from polyjax.data import make_pipeline
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
+# The tests run as on a workstation, under no cluster launcher (polyjax.cluster reads
+# these when the launcher starts; the tests of it set their own).
+LAUNCHERS = ("SLURM_", "OMPI_", "PMI_", "PMIX_", "JAX_COORDINATOR", "TPU_WORKER", "MEGASCALE_")
+for name in [n for n in os.environ if n.startswith(LAUNCHERS)]:
+    del os.environ[name]
 
 
 FAST = {  # the tiny size made faster still
@@ -137,6 +148,65 @@ def trained(tmp_path_factory, tiny) -> Trained:
     run = {"train.steps": 6, "train.checkpoint_every": 3, "train.keep_checkpoints": 3}
     path = tmp_path_factory.mktemp("trained") / "run"
     train.train(tiny.spec(**run), path)
+    return Trained(path, run)
+
+
+def launch_processes(argvs: list[list], envs: list[dict], timeout: float = 300) -> list[str]:
+    """``python launch.py ARGV`` for each ARGV of ``argvs``, each with its environment of
+    ``envs`` over this one (one host device each), as local CPU processes run together;
+    their outputs. Asserts that all exit 0."""
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "JAX_PLATFORMS": "cpu"}
+    env["XLA_FLAGS"] = "--xla_force_host_platform_device_count=1"
+    procs = [
+        subprocess.Popen(
+            [sys.executable, str(ROOT / "launch.py"), *map(str, argv)],
+            cwd=ROOT,
+            env={**env, **extra},
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+        for argv, extra in zip(argvs, envs, strict=True)
+    ]
+    try:
+        outs = [p.communicate(timeout=timeout)[0] for p in procs]
+    finally:
+        for p in procs:  # a hung collective ignores SIGTERM
+            p.kill()
+    assert [p.returncode for p in procs] == [0] * len(procs), "\n".join(o[-2000:] for o in outs)
+    return outs
+
+
+def free_port(low: int = 0, high: int = 0) -> int:
+    """A port of 127.0.0.1 that is free now: the kernel's choice, or one in [low, high]."""
+    for port in random.sample(range(low, high + 1), high - low + 1) if low else [0]:
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return s.getsockname()[1]
+    raise RuntimeError(f"no free port in [{low}, {high}]")
+
+
+@pytest.fixture(scope="session")
+def two_processes(tmp_path_factory, tiny) -> Trained:
+    """The ``trained`` run's config trained by two local CPU processes (one device
+    each) joined by the explicit flags (``--coordinator 127.0.0.1:PORT
+    --num_processes 2 --process_id I``): the reference of every multi-process
+    launch. Run once for all of the session's xdist workers."""
+    run = {"train.steps": 6, "train.checkpoint_every": 3, "train.keep_checkpoints": 3}
+    shared = tmp_path_factory.getbasetemp()
+    if os.environ.get("PYTEST_XDIST_WORKER"):  # an xdist worker: the session's folder
+        shared = shared.parent
+    path = shared / "two_processes" / "run"
+    with open(shared / "two_processes.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # one worker trains, the others wait for it
+        if not (path.parent / "done").exists():
+            argv = [*tiny.argv(**run), "--workdir", path, "--num_processes", "2"]
+            argv += ["--coordinator", f"127.0.0.1:{free_port()}"]
+            launch_processes([[*argv, "--process_id", i] for i in range(2)], [{}, {}])
+            (path.parent / "done").write_text("")
     return Trained(path, run)
 
 

@@ -320,3 +320,25 @@ def test_ffn_width_equal_parameter_rule():
     assert acts.ffn_width(1536, gated=True) == 1024
     assert acts.ffn_width(8256, gated=False) == 8256
     assert acts.ffn_width(1000, gated=True, multiple_of=64) == 640
+
+
+def test_an_activation_added_by_the_recipe_trains(tiny, monkeypatch):
+    """docs/activations.md, steps 1-2, with a toy activation (softsign, x / (1 + |x|)):
+    a function in BASES and a registry entry are all that the layer, the config files,
+    the config's validation and the trainer need."""
+    from flax import nnx
+
+    from configs import dense
+    from polyjax import layers
+
+    monkeypatch.setitem(acts.BASES, "softsign", lambda x: x / (1 + jnp.abs(x)))
+    monkeypatch.setitem(acts.REGISTRY, "softsign", acts.ActivationSpec("softsign"))
+    layer = layers.Activation(acts.ActivationConfig(name="softsign"), rngs=nnx.Rngs(0))
+    np.testing.assert_allclose(layer(jnp.asarray(GRID)), GRID / (1 + np.abs(GRID)), rtol=1e-6)
+    assert dense.get_config("act=softsign,size=tiny").model.d_ff == 192  # not gated: full width
+    _, steps, state, batches = tiny.build(tiny.spec(**{"model.activation.name": "softsign"}))
+    losses = []
+    for _ in range(3):
+        state, metrics = steps.train(state, next(batches))
+        losses.append(float(metrics["loss"]))
+    assert np.isfinite(losses).all() and losses[-1] < losses[0], losses

@@ -9,7 +9,17 @@ import pathlib
 
 import pytest
 
-from polyjax.data import DataConfig, build, make_pipeline, sources, store, tokenizers, validate
+from polyjax.data import (
+    DataConfig,
+    build,
+    make_pipeline,
+    packing,
+    pipeline,
+    sources,
+    store,
+    tokenizers,
+    validate,
+)
 
 SCENES = sources.shakespeare_scenes()
 
@@ -64,42 +74,50 @@ def _jsonl_empty(t, b):
 
 def _jsonl_blank_lines(t, b):
     (t / "e.jsonl").write_text("\n \n\n")
-    return dict(source=f"jsonl:{t}/e.jsonl"), 300, "e.jsonl", False
+    return dict(source=f"jsonl:{t}/e.jsonl"), 300, "e.jsonl", True
 
 
 def _jsonl_without_field(t, b):
     _jsonl(t / "d.jsonl", SCENES[:4], field="body")
-    return dict(source=f"jsonl:{t}/d.jsonl"), 300, "d.jsonl at byte 0 has no text field", False
+    return dict(source=f"jsonl:{t}/d.jsonl"), 300, "d.jsonl at byte 0 has no text field", True
 
 
 def _jsonl_malformed(t, b):
     _jsonl(t / "d.jsonl", SCENES[:4])
     with open(t / "d.jsonl", "a") as f:
         f.write('{"text": "unterminated\n')
-    return dict(source=f"jsonl:{t}/d.jsonl"), 300, "d.jsonl at byte", False
+    return dict(source=f"jsonl:{t}/d.jsonl"), 300, "d.jsonl at byte", True
 
 
 def _jsonl_not_a_string(t, b):
     (t / "d.jsonl").write_text('{"text": 3}\n{"text": "a"}\n{"text": "b"}\n')
-    return dict(source=f"jsonl:{t}/d.jsonl"), 300, "d.jsonl at byte 0", False
+    return dict(source=f"jsonl:{t}/d.jsonl"), 300, "d.jsonl at byte 0", True
 
 
 def _jsonl_not_utf8(t, b):
     (t / "d.jsonl").write_bytes(b'{"text": "caf\xe9"}\n' * 4)
-    return dict(source=f"jsonl:{t}/d.jsonl"), 300, "d.jsonl at byte 0", False
+    return dict(source=f"jsonl:{t}/d.jsonl"), 300, "d.jsonl at byte 0", True
 
 
 def _text_binary(t, b):
     for i in range(3):
         (t / f"{i}.txt").write_text(SCENES[i])
     (t / "1.txt").write_bytes(bytes(range(4)) * 64)  # NUL bytes: valid UTF-8, not text
-    return dict(source=f"text:{t}/*.txt"), 300, "1.txt holds NUL bytes", False
+    return dict(source=f"text:{t}/*.txt"), 300, "1.txt holds NUL bytes", True
 
 
 def _text_not_utf8(t, b):
     for i in range(3):
         (t / f"{i}.txt").write_bytes("Café au lait. ".encode("latin-1") * 50)
-    return dict(source=f"text:{t}/*.txt"), 300, ".txt is not UTF-8 text", False
+    return dict(source=f"text:{t}/*.txt"), 300, ".txt is not UTF-8 text", True
+
+
+def _text_too_small(t, b):
+    """Two files: one held out for validation, the other trains; with the byte tokenizer
+    the training split holds 30 bytes + an eos, one token short of seq_len + 1 = 32."""
+    (t / "a.txt").write_text("x" * 30)
+    (t / "b.txt").write_text("y" * 30)
+    return dict(source=f"text:{t}/*.txt"), 300, "split of data.source='text:", True
 
 
 def _arrayrecord_corrupt(t, b):
@@ -241,6 +259,7 @@ CASES = [
     _jsonl_not_utf8,
     _text_binary,
     _text_not_utf8,
+    _text_too_small,
     _arrayrecord_corrupt,
     _tokens_without_store,
     _tokens_interrupted,
@@ -321,8 +340,27 @@ def test_the_vocabulary_is_checked_before_any_tokenising(tmp_path, bpe, monkeypa
         make_pipeline(big, model_vocab_size=512)
 
 
+@pytest.mark.parametrize("size", [30, 31])
+def test_the_window_check_before_tokenising_is_exact_for_bytes(tmp_path, size):
+    """Two files of ``size`` bytes, one held out: ``validate`` refuses exactly when a
+    split of the tokenised corpus (built here without the checks) has no window of
+    seq_len + 1 = 32 ids."""
+    for name in "ab":
+        (tmp_path / f"{name}.txt").write_text(name * size)
+    cfg = _config(dict(source=f"text:{tmp_path}/*.txt", cache_dir=str(tmp_path / "cache")))
+    try:
+        validate(cfg)
+        refused = False
+    except ValueError as e:
+        assert "holds 31 tokens, fewer than seq_len + 1 = 32" in str(e), e
+        refused = True
+    _, train_span, val_span, _ = pipeline._spans(cfg)
+    counts = [packing.Windows(span, cfg.seq_len).count for span in (train_span, val_span)]
+    assert refused == (min(counts) == 0), counts
+
+
 def test_the_bound_names_the_command_that_pretokenizes_the_same_way(tmp_path):
-    _jsonl(tmp_path / "d.jsonl", SCENES[:4])
+    _jsonl(tmp_path / "d.jsonl", SCENES[:4], field="body")
     _jsonl(tmp_path / "v.jsonl", SCENES[4:6])
     size = sum(os.path.getsize(tmp_path / f) for f in ("d.jsonl", "v.jsonl"))
     cfg = _config(

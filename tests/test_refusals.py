@@ -19,6 +19,7 @@ import time
 import numpy as np
 import pytest
 import test_data_errors as data_cases
+from conftest import Launched
 
 from polyjax import checkpoint as ckpt
 from polyjax import train
@@ -69,13 +70,67 @@ def test_a_store_with_the_default_tokenizer_is_accepted(tmp_path, tiny):
     assert not (tmp_path / "run").exists()
 
 
+def launch_subprocess(*args) -> Launched:
+    """``python launch.py ARGS`` as a user runs it: absl's ``app.run`` and its parser,
+    not ``launch.run``. jax logs every compile on stderr (``JAX_LOG_COMPILES``), so a
+    refusal's one stderr line also says that nothing compiled."""
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "JAX_PLATFORMS": "cpu", "JAX_LOG_COMPILES": "1"}
+    cmd = [sys.executable, str(ROOT / "launch.py"), *map(str, args)]
+    result = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    return Launched(result.returncode, result.stdout, result.stderr)
+
+
 def test_an_unknown_flag_is_one_line():
-    """The command line as a user runs it (absl's parser, not launch.run)."""
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "JAX_PLATFORMS": "cpu"}
-    cmd = [sys.executable, str(ROOT / "launch.py"), "--nosuchflag=1"]
-    result = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
-    assert result.returncode == 2
-    assert result.stderr.strip() == "launch.py: error: Unknown command line flag 'nosuchflag'"
+    err = launch_subprocess("--nosuchflag=1").error()
+    assert err == "launch.py: error: Unknown command line flag 'nosuchflag'"
+
+
+FLAG_CASES = {  # the command line after the tiny config -> what the line names
+    "missing_config_with_overrides": (
+        ["--config={tmp}/nowhere.py", "--config.train.steps=2", "--config.optim.lr=0.1"],
+        ["--config: [Errno 2] No such file or directory", "nowhere.py"],
+    ),
+    "sweep_over_an_unknown_field": (
+        ["--sweep", "train.stpes=1,2"],
+        ["--sweep train.stpes=1: unknown config field 'train.stpes'", "train.steps"],
+    ),
+    "sweep_value_of_the_wrong_type": (
+        ["--sweep", "train.steps=2,x"],
+        ["--sweep train.steps=x", "--config.train.steps=x", "int"],
+    ),
+}
+
+
+@pytest.mark.parametrize("case", FLAG_CASES)
+def test_bad_flags_through_absl_are_one_line(case, tmp_path, tiny):
+    """A missing config file with overrides (config_flags fails while parsing them)
+    and a sweep point that does not parse (a second parse, inside main) are one line,
+    exit 2, nothing compiled or written, when run as a user runs them."""
+    args, fragments = FLAG_CASES[case]
+    args = [a.format(tmp=tmp_path) for a in args]
+    result = launch_subprocess(*tiny.argv(), *args, f"--workdir={tmp_path / 'run'}")
+    result.error(*fragments)
+    assert result.out == "" and sorted(tmp_path.iterdir()) == []
+
+
+CORPUS_CASES = [data_cases._text_binary, data_cases._text_not_utf8, data_cases._text_too_small]
+
+
+@pytest.mark.parametrize("case", CORPUS_CASES, ids=[f.__name__[1:] for f in CORPUS_CASES])
+def test_a_bad_corpus_is_refused_before_it_is_tokenised(case, tmp_path, tiny, snapshot):
+    """A text corpus with a binary or non-UTF-8 file, or too small for one window of a
+    split: one line before any tokenising (no "pretokenize:" progress), the cache, the
+    workdir and the inputs as they were."""
+    inputs = tmp_path / "in"
+    inputs.mkdir()
+    kwargs, _, names, _ = case(inputs, None)
+    kwargs = {**kwargs, "val_fraction": 0.25, "seq_len": 31, "cache_dir": tmp_path / "cache"}
+    before = snapshot(inputs)
+    argv = tiny.argv(**{f"data.{k}": v for k, v in kwargs.items()})
+    err = launch_subprocess(*argv, f"--workdir={tmp_path / 'run'}").error(names)
+    assert data_cases._fix_named(err), err
+    assert snapshot(inputs) == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["in"]  # no cache, no workdir
 
 
 def _lock(workdir, pid, host=None, age=0.0):

@@ -9,9 +9,6 @@ import math
 import os
 import pathlib
 import shutil
-import socket
-import subprocess
-import sys
 
 import jax
 import jax.numpy as jnp
@@ -197,54 +194,21 @@ def test_summary_reports_the_mean_tokens_per_s_beside_the_last_interval(trained)
     assert summary["tokens_per_s_mean"] == pytest.approx(steps.sum() / (steps / rates).sum())
 
 
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def test_two_processes_match_one_and_one_resumes_them(tmp_path, tiny, trained, launch_py):
-    """Two local CPU processes (jax.distributed, one device each) vs one process
-    (eight devices, the shared ``trained`` run of the same steps): the same global
-    batches, the same losses. Their checkpoint resumes in one process: a data
-    iterator's state is the next global batch, whatever the process count."""
+def test_two_processes_match_one_and_one_resumes_them(
+    tmp_path, tiny, trained, two_processes, launch_py
+):
+    """Two local CPU processes (jax.distributed, one device each: the shared
+    ``two_processes`` run) vs one process (eight devices, the shared ``trained`` run
+    of the same steps): the same global batches, the same losses. Their checkpoint
+    resumes in one process: a data iterator's state is the next global batch,
+    whatever the process count."""
     run = RUN
-    assert {k: trained.run[k] for k in RUN} == RUN
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "JAX_PLATFORMS": "cpu"}
-    cmd = [sys.executable, str(ROOT / "launch.py"), *tiny.argv(**run)]
-    port = _free_port()
-    procs = [
-        subprocess.Popen(
-            [
-                *cmd,
-                "--workdir",
-                str(tmp_path / "two"),
-                "--coordinator",
-                f"127.0.0.1:{port}",
-                "--num_processes",
-                "2",
-                "--process_id",
-                str(i),
-            ],
-            cwd=ROOT,
-            env={**env, "XLA_FLAGS": "--xla_force_host_platform_device_count=1"},
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            text=True,
-        )
-        for i in range(2)
-    ]
-    try:
-        outs = [p.communicate(timeout=300)[0] for p in procs]
-    finally:
-        for p in procs:  # a hung collective ignores SIGTERM
-            p.kill()
-    assert [p.returncode for p in procs] == [0, 0], outs[0][-2000:] + outs[1][-2000:]
-    two, single = losses(tmp_path / "two"), losses(trained.path)
+    assert {k: trained.run[k] for k in RUN} == RUN and two_processes.run == trained.run
+    two, single = losses(two_processes.path), losses(trained.path)
     assert [s for s, _ in two] == [1, 2, 3, 4, 5, 6]
     np.testing.assert_allclose([v for _, v in two], [v for _, v in single], rtol=1e-5)
     resumed = tmp_path / "resumed"
-    shutil.copytree(tmp_path / "two", resumed)
+    shutil.copytree(two_processes.path, resumed)
     shutil.rmtree(resumed / "checkpoints" / "6")
     saved = json.loads((resumed / "checkpoints" / "3" / "data" / "metadata").read_text())
     assert len(saved["process_states"]) == 2

@@ -101,7 +101,51 @@ def _check_text(cfg: DataConfig, model_vocab_size: int | None) -> Checked:
             f"tokenises itself; pre-tokenise it once: `{command}`, then set {then} (or raise "
             "data.max_tokenize_bytes)"
         )
+    documents = [_document_sizes(spec, split) for spec, split in reads]
+    if cfg.tokenizer in TOKENS_AT_MOST_BYTES and None not in documents:
+        _check_windows(cfg, *documents)
     return Checked(vocab, total, None)
+
+
+# Tokenizers whose token count of a document is at most its UTF-8 bytes: exactly so for
+# the byte tokenizer, at most for the trained byte-level BPE (each token is >= 1 byte).
+TOKENS_AT_MOST_BYTES = ("byte", "bpe")
+_SIZES: dict[str, list[int]] = {}  # source fingerprint -> its documents' sizes (checked)
+
+
+class _Sizes(list):
+    fingerprint = "sizes"
+
+
+def _document_sizes(spec: str, split: str) -> list[int] | None:
+    """The UTF-8 size in bytes of each document of a ``text:`` or ``jsonl:`` source,
+    every document read as the trainer reads it (so a binary or non-UTF-8 file, or a
+    malformed JSON line, is refused here, before anything is tokenised or written);
+    None for the other kinds (nothing read). Once per process for unchanged files."""
+    if spec.partition(":")[0] not in ("text", "jsonl"):
+        return None
+    source = sources.open_source(spec, split=split)
+    if source.fingerprint not in _SIZES:
+        sizes = [len(source[i].encode("utf-8")) for i in range(len(source))]
+        _SIZES[source.fingerprint] = sizes
+    return _SIZES[source.fingerprint]
+
+
+def _check_windows(cfg: DataConfig, train: list[int], val: list[int] | None = None) -> None:
+    """Each split holds one window (seq_len + 1 tokens: its documents' tokens and an eos
+    each), counted exactly for the byte tokenizer and as at most the bytes for BPE."""
+    if val is None:
+        parts = sources.hold_out(_Sizes(train), cfg.val_fraction)
+        train, val = ([part[i] for i in range(len(part))] for part in parts)
+    at_most = "" if cfg.tokenizer == "byte" else "at most "
+    for name, sizes in (("training", train), ("validation", val)):
+        tokens = sum(sizes) + len(sizes)
+        if tokens < cfg.seq_len + 1:
+            raise ValueError(
+                f"the {name} split of data.source={cfg.source!r} holds {at_most}{tokens} "
+                f"tokens, fewer than seq_len + 1 = {cfg.seq_len + 1}: set data.seq_len below "
+                f"{tokens} or give more text"
+            )
 
 
 def validate(
@@ -114,8 +158,10 @@ def validate(
 ) -> Checked:
     """Every check of `cfg` that needs no tokenising: the process split, the context, the
     tokenizer (its vocabulary against `model_vocab_size`; a store's tokenizer against the
-    one named), the files (present, not all empty), the size bound, a tokens: store's
-    meta.json and shards. Reads metadata and tokenizer files only; writes nothing."""
+    one named), the files (present, not all empty), the size bound, a text: or jsonl:
+    source's documents (UTF-8 text, JSON lines with the field; one window per split),
+    a tokens: store's meta.json and shards. Reads metadata, tokenizer files and (within
+    the size bound) the text the trainer will tokenise; writes nothing."""
     if not 0 <= process_index < process_count:
         raise ValueError(f"process_index={process_index} must be in [0, {process_count})")
     if cfg.global_batch % process_count:
