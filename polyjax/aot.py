@@ -121,6 +121,18 @@ def prepare() -> None:
     os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
 
 
+@contextlib.contextmanager
+def _environ(values: Mapping[str, str]):
+    """``values`` in os.environ inside the block where not set already."""
+    added = {k: v for k, v in values.items() if k not in os.environ}
+    os.environ.update(added)
+    try:
+        yield
+    finally:
+        for k in added:
+            os.environ.pop(k, None)
+
+
 def gpu_target_config(gpu: str) -> str:
     """A ``stream_executor.GpuTargetConfigProto`` (text) for ``gpu`` built from its
     published figures (``GPUS``, ``polyjax.chips``) and the installed cuDNN's
@@ -173,7 +185,13 @@ def get_target(name: str) -> Target:
 
     try:
         if platform == "tpu":
-            topo = topologies.get_topology_desc(topology_name=topology, platform="tpu")
+            # what libtpu would ask a TPU VM's metadata server (it warns at length
+            # without), set only while it loads: TPU_WORKER_HOSTNAMES means a pod to
+            # the cluster detection of later launches
+            quiet = {"TPU_ACCELERATOR_TYPE": topology.split(":")[0] + "-8"}
+            quiet["TPU_WORKER_HOSTNAMES"] = "localhost"
+            with _environ(quiet):
+                topo = topologies.get_topology_desc(topology_name=topology, platform="tpu")
             chip = chips.by_kind(key)
         else:
             topo = topologies.get_topology_desc(
@@ -259,7 +277,7 @@ class Figures:
         """From this program with one layer and ``two`` with two: ``layers`` layers."""
         n = layers - 1
         lin = lambda a, b: a + n * (b - a)
-        secs = None if self.seconds is None else lin(self.seconds, two.seconds)
+        secs = None if None in (self.seconds, two.seconds) else lin(self.seconds, two.seconds)
         coll = {
             op: (
                 round(lin(self.collectives[op][0], two.collectives[op][0])),

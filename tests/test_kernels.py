@@ -540,6 +540,21 @@ def test_dispatch(monkeypatch):
         kernels.pallas_config("cuda")
 
 
+def test_dispatch_follows_the_compile_target():
+    """While compiling for a chip that is not here (polyjax.aot), the target's
+    platform picks the layout and turns interpret mode off; "auto" is Pallas on GPU
+    only (docs/aot.md has the compiled figures behind it)."""
+    from polyjax import backend
+
+    with backend.compiling_for("tpu"):
+        cfg = kernels.pallas_config("pallas")
+        assert (cfg.backend, cfg.interpret) == ("tpu", False)
+        assert kernels.pallas_config("auto") is None
+    with backend.compiling_for("cuda"):
+        assert kernels.pallas_config("auto").backend == "triton"
+    assert kernels.dispatch.AUTO_PALLAS == {"gpu"}
+
+
 def test_custom_vjp_saves_only_x_and_row_stats():
     x = jax.ShapeDtypeStruct((128, 256), jnp.bfloat16)
     w, b = jnp.ones(3) / 3, jnp.array([0.1])
