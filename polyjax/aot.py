@@ -273,19 +273,18 @@ class Figures:
     def of(cls, compiled) -> Figures:
         return cls(**cost(compiled), collectives=collectives(compiled.as_text()))
 
-    def extrapolate(self, two: Figures, layers: int) -> Figures:
-        """From this program with one layer and ``two`` with two: ``layers`` layers."""
-        n = layers - 1
-        lin = lambda a, b: a + n * (b - a)
-        secs = None if None in (self.seconds, two.seconds) else lin(self.seconds, two.seconds)
-        coll = {
-            op: (
-                round(lin(self.collectives[op][0], two.collectives[op][0])),
-                round(lin(self.collectives[op][1], two.collectives[op][1])),
-            )
-            for op in self.collectives
-        }
-        return Figures(lin(self.flops, two.flops), lin(self.bytes, two.bytes), secs, coll)
+    @staticmethod
+    def combine(terms: list[tuple[float, Figures]]) -> Figures:
+        """The sum of ``coefficient x figures`` (a program's cost is linear in its
+        layers and microbatches); the time is None if any term has none."""
+        lin = lambda get: sum(c * get(f) for c, f in terms)
+        times = [f.seconds for _, f in terms]
+        secs = None if None in times else lin(lambda f: f.seconds)
+        coll = {}
+        for op in terms[0][1].collectives:
+            count = sum(c * f.collectives[op][0] for c, f in terms)
+            coll[op] = (round(count), round(sum(c * f.collectives[op][1] for c, f in terms)))
+        return Figures(lin(lambda f: f.flops), lin(lambda f: f.bytes), secs, coll)
 
 
 class DoesNotFitError(Exception):
@@ -435,30 +434,56 @@ def flash_cost(spec: Spec, platform: str) -> tuple[float, float]:
     return flops, nbytes
 
 
+def loop_free_figures(spec: Spec, target: Target, compiled) -> tuple[Figures, bool]:
+    """The step's per-device figures from programs without loops (XLA's cost analysis
+    counts a loop's body once): on TPU without the windowed einsums (``NO_LOOPS``);
+    scanned layers as one and two layers unrolled; microbatches (a scan) as one and
+    two microbatches in one batch. A program's cost being linear in both:
+    with P(layers, microbatches), A microbatches, L layers (l = 1 when scanned, else
+    L), the optimizer's update once per step and each layer's share of it:
+    step = P11 + (A-1)(P12 - P11) + (L-l)(P21 - P11) + (L-l)(A-1)(P22 - P21 - P12 + P11)
+    where Pij = P(l + i - 1, j). Also whether the layers were extrapolated."""
+    options = NO_LOOPS if target.platform == "tpu" else None
+    L, A, scanned = spec.model.n_layers, spec.optim.grad_accum, spec.model.scan_layers
+    if not scanned and A == 1 and options is None:
+        return Figures.of(compiled), False
+    base = 1 if scanned else L
+    micro = spec.data.global_batch // A
+
+    def program(layers: int, microbatches: int) -> Figures:
+        changes = {"model.n_layers": layers, "model.scan_layers": False}
+        changes |= {"optim.grad_accum": 1, "data.global_batch": microbatches * micro}
+        config = memory.with_changes(spec.config, changes)
+        return Figures.of(
+            compile_step(Spec.from_config(config, target.devices), target, options)[0]
+        )
+
+    n, a = L - base, A - 1  # layers and microbatches beyond the programs' first
+    p11 = program(base, 1)
+    terms = [(1.0, p11)]
+    if a:
+        p12 = program(base, 2)
+        terms += [(a, p12), (-a, p11)]
+    if n:
+        p21 = program(base + 1, 1)
+        terms += [(n, p21), (-n, p11)]
+    if a and n:  # the extra layers' microbatches beyond the first
+        terms += [(n * a, program(base + 1, 2)), (-n * a, p21), (-n * a, p12), (n * a, p11)]
+    return Figures.combine(terms), n > 0
+
+
 def compile_report(spec: Spec, target: Target) -> Report:
     """Compile ``spec``'s train step (its mesh over the target's devices:
     ``Spec.from_config(config, target.devices)``) for ``target`` and report it.
 
-    Memory: the step as it would run. FLOPs, bytes, time and collectives: XLA's cost
-    analysis counts a while loop's body once, so they come from the step compiled
-    again without loops: scanned layers as one and two layers unrolled, extrapolated
-    to the model's depth, and on TPU without the windowed einsums (``NO_LOOPS``); the
-    flash kernels' cost (``flash_cost``) is added, timed at the chip's peak.
+    Memory: the step as it would run. FLOPs, bytes, time and collectives: from
+    programs without loops (``loop_free_figures``), with the flash kernels' cost
+    (``flash_cost``) added, timed at the chip's peak.
     ``DoesNotFitError``: XLA:TPU refused the step at compile time (``Report.verdict``
     says whether a compiled step fits)."""
     compiled, steps, state, batch = compile_step(spec, target)
     step_plan = memory.plan_of(spec, compiled, steps, state, batch, target.chip.hbm, "chip table")
-    options = NO_LOOPS if target.platform == "tpu" else None
-    figures_of = lambda s: Figures.of(compile_step(s, target, options)[0])
-    if spec.model.scan_layers:
-        one, two = (
-            figures_of(Spec.from_config(v, devices=target.devices))
-            for v in (_variant(spec.config, n_layers=n, scan_layers=False) for n in (1, 2))
-        )
-        figures, per_layer = one.extrapolate(two, spec.model.n_layers), True
-    else:
-        figures = figures_of(spec) if options else Figures.of(compiled)
-        per_layer = False
+    figures, per_layer = loop_free_figures(spec, target, compiled)
     flops, nbytes = flash_cost(spec, target.platform)
     if flops:
         seconds = figures.seconds

@@ -5,6 +5,7 @@ and the flash attention, whose custom calls the compiled programs must hold (and
 attention scores). Needs the aot extra (libtpu, the CUDA plugin); without it the
 compiling tests skip, unless POLYJAX_REQUIRE_AOT=1 (CI) makes that a failure."""
 
+import dataclasses
 import importlib.util
 import os
 import re
@@ -73,13 +74,15 @@ def test_collectives_are_counted_once_with_their_result_bytes():
     assert got["collective-permute"] == (0, 0)
 
 
-def test_layers_extrapolate_linearly():
+def test_figures_combine_linearly():
     coll = lambda n: {op: (n, 10 * n) for op in aot.COLLECTIVES}
     one = aot.Figures(flops=5.0, bytes=7.0, seconds=1.0, collectives=coll(1))
     two = aot.Figures(flops=8.0, bytes=9.0, seconds=1.5, collectives=coll(3))
-    got = one.extrapolate(two, 24)  # a + 23 (b - a)
+    got = aot.Figures.combine([(1.0, one), (23.0, two), (-23.0, one)])  # a + 23 (b - a)
     assert (got.flops, got.bytes, got.seconds) == (5 + 23 * 3, 7 + 23 * 2, 1 + 23 * 0.5)
     assert got.collectives["all-gather"] == (1 + 23 * 2, 10 + 23 * 20)
+    untimed = dataclasses.replace(two, seconds=None)
+    assert aot.Figures.combine([(1.0, one), (1.0, untimed)]).seconds is None
 
 
 def tiny_config(tiny, family="dense", **overrides):
@@ -110,14 +113,15 @@ def test_tpu_dense_step_uses_splash_and_the_pallas_kernel(tiny):
     assert SCORES.search(xla)  # the control: XLA's attention materialises the scores
 
 
-def test_tpu_report_of_scanned_layers_equals_the_unrolled_step(tiny):
-    """The per-step figures of a scanned model (one and two layers compiled unrolled,
-    extrapolated) against the same model compiled with its four layers unrolled."""
+def test_tpu_report_of_scanned_layers_and_microbatches_equals_the_unrolled_step(tiny):
+    """The per-step figures of a model with scanned layers and two microbatches (both
+    loops: from one- and two-layer, one- and two-microbatch programs) against the same
+    model and batch compiled with its four layers unrolled and one microbatch."""
     need("tpu")
     target = aot.get_target("v5p-8")
     layers = {"model.n_layers": 4}
-    scanned = Spec.from_config(tiny_config(tiny, **layers, **{"model.scan_layers": True}),
-                               target.devices)  # fmt: skip
+    looped = {"model.scan_layers": True, "optim.grad_accum": 2}
+    scanned = Spec.from_config(tiny_config(tiny, **layers, **looped), target.devices)
     report = aot.compile_report(scanned, target)
     unrolled = Spec.from_config(tiny_config(tiny, **layers), target.devices)
     direct = aot.compile_report(unrolled, target)
