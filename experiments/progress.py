@@ -117,13 +117,12 @@ class StudyProgress:
     def end(self) -> None:
         """The current run finished (or stopped): its seconds per FLOP are measured."""
         if self.current is not None and self.step_now is not None and self.step_now > 0:
-            done_steps = self.step_now - (self.step0 or 0)
-            if done_steps > 0:
-                seconds = self.clock() - self.t_first
-                flops = run_flops(self.current) * done_steps / self.current.train.steps
-                acc = self.rates.setdefault(shape(self.current), [0.0, 0.0])
-                acc[0] += seconds
-                acc[1] += flops
+            steps, since = self.step_now - self.step0, self.t_first
+            if steps <= 0:  # one report only (a short run): its whole time, compile included
+                steps, since = self.step_now, self.t0
+            acc = self.rates.setdefault(shape(self.current), [0.0, 0.0])
+            acc[0] += self.clock() - since
+            acc[1] += run_flops(self.current) * steps / self.current.train.steps
         self.current = None
         if self.tty and self.width:
             self.stream.write("\n")

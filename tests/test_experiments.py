@@ -215,6 +215,17 @@ def test_study_progress_counts_runs_and_gives_the_eta_from_the_measured_rate():
     p.plan([], [big])
     rate = 36.0 / (progress.run_flops(a) * 0.9)
     assert p.eta() == pytest.approx(rate * progress.run_flops(big), rel=1e-9)
+    # a run that reports once (4 steps, logged at the last): its whole time counts
+    tiny = progress.StudyProgress("smoke", stream=stream, every_s=0.0, clock=lambda: now[0])
+    short = dense.get_config("act=polyrelu,size=tiny")
+    short.train.steps = 4
+    tiny.plan([], [short, cfg()])
+    tiny.start(short, "r=3 lr 0.001 seed 0")
+    now[0] += 8.0
+    tiny.step(4, 4)
+    tiny.end()
+    tiny.plan([short], [cfg()])
+    assert tiny.eta() == pytest.approx(8.0 / 4 * 100, rel=1e-9)
     assert progress.duration(3725) == "1:02:05" and progress.duration(float("nan")) == "?"
 
 
