@@ -279,15 +279,23 @@ def run(
     check_corpus(rungs, extra, out)
     args = (rungs, seeds, extra, root, controls, not run_missing)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "ladder.json").write_text(
-        json.dumps({"command": command(out, rungs, seeds, extra, controls),
-                    "controls": dataclasses.asdict(controls), "pool": str(root)}, indent=2)
-    )  # fmt: skip
 
     def tabulate() -> dict:
-        known, _, _ = plan(*args)
+        known, _, best = plan(*args)
         chosen = seeds[: controls.select_seeds]
         write_index(out, [r for r in known if sd.finished(r)], rungs, chosen)
+        (out / "ladder.json").write_text(
+            json.dumps(
+                {
+                    "command": command(out, rungs, seeds, extra, controls),
+                    "controls": dataclasses.asdict(controls),
+                    "pool": str(root),
+                    # each (rung, arm)'s best lr, once its grid (extensions too) has finished
+                    "best": {f"{rung}/{arm}": lr for (rung, arm), lr in best.items()},
+                },
+                indent=2,
+            )
+        )
         return report(out)
 
     sd.train_planned("scaling", lambda: plan(*args)[:2], run_missing, progress, after=tabulate)
@@ -378,9 +386,13 @@ def report(out: str | pathlib.Path) -> dict:
     """The ladder's tables and plots from ``runs.json`` (its finished runs): per rung,
     every arm at its best lr with Δ to SwiGLU and to r = 3; per arm a straight line
     in log-log (loss against compute); per arm the Δs against log10 compute with the
-    95% interval of their slope; the verdict on scale."""
+    95% interval of their slope; the verdict on scale. A rung is compared once every
+    arm has chosen its lr (``ladder.json``'s "best": its grid finished; without that
+    record, the best of the grid runs finished)."""
     out = pathlib.Path(out)
     index = json.loads((out / "runs.json").read_text())
+    made = json.loads((out / "ladder.json").read_text()) if (out / "ladder.json").exists() else {}
+    decided = made.get("best")
     key = lambda e: (e["rung"], e["arm"], e["lr"], e["seed"])
     results = {
         key(e): sd.load_result(pathlib.Path(e["workdir"]), e["tokens_per_step"])
@@ -390,7 +402,7 @@ def report(out: str | pathlib.Path) -> dict:
     rungs = [n for _, n in sorted({(e["rung_index"], e["rung"]) for e in index.values()})]
     seeds = sorted({e["seed"] for e in index.values()})
     chosen = sorted({e["seed"] for e in index.values() if e["grid"]})
-    labels = {e["arm"] for e in index.values()}
+    labels = set(made.get("controls", {}).get("arms", ())) or {e["arm"] for e in index.values()}
     arms = [a for a in ARMS if a.label in labels]
     tables: dict[str, Any] = {"rungs": [], "grid": [], "swiglu": [], "r3": [], "fits": []}
     points: dict[str, dict[str, list]] = {}  # arm -> {"x": log10 C, "y": loss, "rung"} per seed
@@ -404,17 +416,20 @@ def report(out: str | pathlib.Path) -> dict:
                 for lr in lrs
                 if all((rung, a.label, lr, s) in results for s in chosen)
             }
-            if grid:
-                best[a.label] = st.best_lr(grid)
-                tables["grid"].append(
-                    {
-                        "rung": rung,
-                        "arm": a.label,
-                        "best_lr": best[a.label],
-                        "edge": st.at_edge(best[a.label], list(grid)),
-                        "losses": {f"{lr:g}": float(np.mean(v)) for lr, v in grid.items()},
-                    }
-                )
+            if not grid:
+                continue
+            pick = st.best_lr(grid) if decided is None else decided.get(f"{rung}/{a.label}")
+            if pick is not None:
+                best[a.label] = pick
+            tables["grid"].append(
+                {
+                    "rung": rung,
+                    "arm": a.label,
+                    "best_lr": pick,  # None: the grid is still running
+                    "edge": pick is not None and st.at_edge(pick, list(grid)),
+                    "losses": {f"{lr:g}": float(np.mean(v)) for lr, v in grid.items()},
+                }
+            )
         in_rung = [e for e in index.values() if e["rung"] == rung]
         first = in_rung[0]
         speeds = [_seconds_per_step(results[key(e)]) for e in in_rung]
@@ -606,11 +621,12 @@ def _write(out: pathlib.Path, tables: dict) -> None:
         writer.writerows(flat)
     (out / "table.csv").write_text(buf.getvalue())
     made = out / "ladder.json"
-    how = json.loads(made.read_text())["command"] if made.exists() else "(not recorded)"
+    how = json.loads(made.read_text()).get("command") if made.exists() else None
     md = [
         "## The scaling ladder: activations and the order of PolyReLU against training compute",
         "",
-        f"Made by `{how}` (runs finished so far; the same command continues it).",
+        f"Made by `{how or '(not recorded)'}` (the runs finished so far; the same command "
+        "continues it).",
         "",
         "Compute: training FLOPs = `flops_per_token` (6 x the matmul parameters but the input "
         "embedding, the head included, plus attention's 12 x layers x d_model x seq_len) x "
@@ -644,7 +660,8 @@ def _write(out: pathlib.Path, tables: dict) -> None:
     for g in tables["grid"]:
         cells = ", ".join(f"{lr}: {v:.4f}" for lr, v in g["losses"].items())
         edge = " (edge)" if g["edge"] else ""
-        md.append(f"| {g['rung']} | {g['arm']} | {cells} | {g['best_lr']:g}{edge} |")
+        pick = "running" if g["best_lr"] is None else f"{g['best_lr']:g}{edge}"
+        md.append(f"| {g['rung']} | {g['arm']} | {cells} | {pick} |")
     for name, title in (("swiglu", "Δ to SwiGLU"), ("r3", "Δ to PolyReLU r = 3")):
         md += [
             "",
