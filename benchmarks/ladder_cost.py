@@ -23,7 +23,6 @@ import jax
 from flax import nnx
 
 from benchmarks.step_time import random_batch
-from configs import dense
 from polyjax import sharding as shd
 from polyjax import train
 from polyjax.config import Spec
@@ -66,6 +65,8 @@ def main(argv=None):
     p.add_argument("--steps", type=int, default=30)
     p.add_argument("--warmup", type=int, default=3)
     args = p.parse_args(argv)
+    from configs import dense  # the sizes (ml_collections): only when run
+
     print(f"device: {jax.device_count()} x {jax.devices()[0].device_kind}, jax {jax.__version__}")
     head = (
         f"{'size':8s} {'d':>4s} {'L':>3s} {'ffn':>9s} {'params':>11s} {'non-emb':>10s} "
