@@ -104,7 +104,12 @@ SUGGEST = flags.DEFINE_bool(
 EXPERIMENT = flags.DEFINE_string(
     "experiment", None, f"run a study of the paper: {', '.join(experiments.NAMES)}"
 )
-SIZE = flags.DEFINE_string("size", "cpu", "with --experiment: the config size of its runs")
+SIZE = flags.DEFINE_string(
+    "size",
+    None,
+    "with --experiment: the config size of its runs (default cpu; scaling: "
+    "a list of its rungs, default all)",
+)
 SEEDS = flags.DEFINE_list("seeds", ["0", "1", "2"], "with --experiment: the seeds")
 LRS = flags.DEFINE_list(
     "lrs",

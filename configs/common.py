@@ -26,6 +26,52 @@ from polyjax.optim import OptimConfig
 SECTIONS = ("model", "data", "optim", "train", "mesh")
 MESH = dict(data=-1, fsdp=1, tensor=1, expert=1)
 
+# the scaling ladder's corpus: `python -m experiments.corpus --out runs/corpus4096 ...`
+# (experiments/ladder.py builds it on first use)
+LADDER_CORPUS = "runs/corpus4096"
+LADDER_EVAL_BATCHES = 64  # 64 x 8 x 256 held-out tokens at every rung: 32 select, 32 report
+
+
+def ladder_size(d_model: int, steps: int) -> dict:
+    """A rung of the scaling ladder (experiments/ladder.py): the cpu size's shape
+    (d_model 128, 4 layers, head width 32, FFN 6 x d_model) grown in width and depth
+    together (n_layers = n_heads = d_model / 32), on the ladder corpus (the machine's
+    Python sources, BPE 4096), batches of 8 x 256 tokens, ``steps`` of them (the
+    tokens grow with the parameters), warmup a tenth, cosine to lr / 10, and the same
+    held-out batches at every rung."""
+    return dict(
+        preset="small",
+        ffn_base=dict(dense=6 * d_model, moe=3 * d_model),
+        model=dict(
+            d_model=d_model,
+            n_layers=d_model // 32,
+            n_heads=d_model // 32,
+            vocab_size=4096,
+            max_seq_len=256,
+        ),
+        data=dict(source=f"tokens:{LADDER_CORPUS}/tokens", seq_len=256, global_batch=8),
+        optim=dict(lr=3e-3, final_lr=3e-4, warmup_steps=steps // 10),
+        train=dict(
+            steps=steps,
+            log_every=max(steps // 30, 10),
+            eval_every=steps // 5,
+            eval_batches=LADDER_EVAL_BATCHES,
+            checkpoint_every=steps // 4,
+            keep_checkpoints=1,
+        ),
+        mesh=dict(data=-1),
+    )
+
+
+# d_model, steps: the tokens grow as the FLOPs per token (experiments/README.md,
+# "The scaling ladder", has each rung's parameters, tokens, FLOPs and minutes)
+LADDER = {
+    "ladder0": (128, 175),
+    "ladder1": (160, 300),
+    "ladder2": (192, 470),
+    "ladder3": (256, 1000),
+}
+
 SIZES = {
     "tiny": dict(  # seconds: tests and smoke runs
         preset="tiny",
@@ -72,6 +118,7 @@ SIZES = {
         ),
         mesh=dict(data=-1),
     ),
+    **{name: ladder_size(d, steps) for name, (d, steps) in LADDER.items()},
 }
 
 

@@ -14,7 +14,7 @@ import io
 import json
 import math
 import pathlib
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from types import MappingProxyType
 from typing import Any
 
@@ -23,6 +23,7 @@ import numpy as np
 from configs import dense, moe
 from experiments import downstream
 from experiments import stats as st
+from experiments.progress import RunLog, StudyProgress
 from polyjax import metrics as mx
 from polyjax import nonfinite
 from polyjax.config import Spec, TrainConfig
@@ -146,10 +147,12 @@ class Run:
     lr: float
     cfg: Any  # ml_collections.ConfigDict
     workdir: pathlib.Path
+    rung: str = ""  # the scaling ladder's rung (experiments/ladder.py)
 
     @property
     def key(self) -> str:
-        return f"{self.arm.label}/lr{self.lr:g}/seed{self.seed}"
+        rung = f"{self.rung}/" if self.rung else ""
+        return f"{rung}{self.arm.label}/lr{self.lr:g}/seed{self.seed}"
 
 
 DIVERGED = "diverged.json"  # in a run's workdir: it stopped on a NaN/Inf (a finished run)
@@ -202,25 +205,106 @@ def finished(r: Run) -> bool:
     return (r.workdir / "summary.json").exists() or (r.workdir / DIVERGED).exists()
 
 
-def train_runs(runs: Sequence[Run], tag: str = "", run_missing: bool = True) -> None:
-    """Train each run not finished before (``run_missing=False``: none)."""
-    for i, r in enumerate(runs):
-        label = f"[{tag}{i + 1}/{len(runs)}] {r.arm.label} lr {r.lr:g} seed {r.seed}"
-        if finished(r):
-            print(f"{label}: done before ({r.workdir})", flush=True)
-            continue
-        if not run_missing:
-            print(f"{label}: not finished, left out", flush=True)
-            continue
-        r.workdir.mkdir(parents=True, exist_ok=True)
-        with open(r.workdir / "train.log", "a") as log:
-            try:
-                result = train(Spec.from_config(r.cfg), r.workdir, out=log)
-            except nonfinite.NonFiniteError as e:
-                (r.workdir / DIVERGED).write_text(json.dumps({"step": e.step}))
-                print(f"{label}: diverged at step {e.step}", flush=True)
-                continue
-        print(f"{label}: val loss {result.get('val_loss', float('nan')):.4f}", flush=True)
+def train_one(r: Run, progress: StudyProgress) -> None:
+    """Train (or resume) ``r`` in its workdir, its log in ``train.log``; a run that
+    stops on a NaN/Inf is finished with a ``diverged.json``."""
+    label = f"{r.rung} {r.arm.label}".strip() + f" lr {r.lr:g} seed {r.seed}"
+    r.workdir.mkdir(parents=True, exist_ok=True)
+    progress.start(r.cfg, label)
+    tag = f"[{progress.name} {progress.done + 1}/{progress.total}] {label}"
+    with open(r.workdir / "train.log", "a") as log:
+        try:
+            out = RunLog(log, progress.step)
+            result = train(Spec.from_config(r.cfg), r.workdir, out=out)
+        except nonfinite.NonFiniteError as e:
+            (r.workdir / DIVERGED).write_text(json.dumps({"step": e.step}))
+            progress.message(f"{tag}: diverged at step {e.step}")
+            return
+        finally:
+            progress.end()
+    progress.message(f"{tag}: val loss {result.get('val_loss', float('nan')):.4f}")
+
+
+Planner = Callable[[], tuple[list[Run], list[Run]]]
+
+
+def train_planned(
+    name: str,
+    planner: Planner,
+    run_missing: bool = True,
+    progress: StudyProgress | None = None,
+    after: Callable[[], Any] | None = None,
+) -> list[Run]:
+    """Train what ``planner()`` plans, one run at a time, asking it again after each
+    (what comes next may depend on what has finished: the best lr of a grid), until
+    every planned run has finished; returns the planned runs. ``planner()`` gives
+    (the runs it knows, in training order; the runs it cannot know yet, for the
+    progress's ETA only). ``after()``: called after each run trained.
+    ``run_missing=False``: train nothing."""
+    progress = progress or StudyProgress(name)
+    first = True
+    while True:
+        known, forecast = planner()
+        unique = list({r.workdir: r for r in known}.values())
+        done = [r for r in unique if finished(r)]
+        todo = [r for r in unique if not finished(r)]
+        progress.plan([r.cfg for r in done], [r.cfg for r in todo] + [r.cfg for r in forecast])
+        if first:
+            left = len(todo) + len(forecast)
+            what = "to train" if run_missing else "not finished, left out"
+            progress.message(f"[{name}] {len(done)} runs finished before, {left} {what}")
+            first = False
+        if not todo or not run_missing:
+            return known
+        train_one(todo[0], progress)
+        if not finished(todo[0]):
+            raise RuntimeError(f"{todo[0].workdir}: the run ended without a summary.json")
+        if after:
+            after()
+
+
+def plan(
+    study: Study,
+    size: str,
+    seeds: Sequence[int],
+    extra: Mapping[str, Any],
+    controls: Controls,
+    root: pathlib.Path,
+    partial: bool = False,
+) -> tuple[list[Run], list[Run], dict[str, float]]:
+    """The study's runs as far as its finished runs determine them, in three stages:
+    1. every arm at the config's lr (the shared lr), every seed;
+    2. every arm at each lr of the grid, on the first ``select_seeds`` seeds;
+    3. every arm at its best lr (``best_lr`` on the selection half), the other seeds,
+       once its grid (stages 1-2 on those seeds) has finished.
+    Returns (the known runs, in that order; the stage-3 runs not known yet, at the
+    shared lr as stand-ins for the ETA; each arm's best lr where known).
+    ``partial``: the best lr over the grid's finished runs (a study cut short)."""
+    known = [make_run(study, a, size, s, extra, controls, root) for a in study.arms for s in seeds]
+    if not controls.lrs:
+        return known, [], {}
+    chosen = seeds[: controls.select_seeds]
+    known += [
+        make_run(study, a, size, s, extra, controls, root, lr)
+        for a in study.arms
+        for lr in controls.lrs
+        for s in chosen
+    ]
+    best = {}
+    for a in study.arms:
+        runs = {r.key: r for r in known if r.arm == a and r.seed in chosen}
+        if partial or all(finished(r) for r in runs.values()):
+            grid = _grid(study, a, {k: r for k, r in runs.items() if finished(r)}, chosen)
+            if grid:
+                best[a.label] = st.best_lr(grid)
+    forecast = []
+    for a in study.arms:
+        for s in seeds[controls.select_seeds :]:
+            if a.label in best:
+                known.append(make_run(study, a, size, s, extra, controls, root, best[a.label]))
+            elif not partial:
+                forecast.append(make_run(study, a, size, s, extra, controls, root))
+    return known, forecast, best
 
 
 def plan_and_train(
@@ -232,43 +316,13 @@ def plan_and_train(
     root: pathlib.Path,
     run_missing: bool = True,
 ) -> tuple[dict[str, Run], dict[str, float]]:
-    """Train the study's runs in three stages; return them by ``Run.key``, and
-    each arm's best lr (empty without a grid):
-    1. every arm at the config's lr (the shared lr), every seed;
-    2. every arm at each lr of the grid, on the first ``select_seeds`` seeds;
-    3. every arm at its best lr (``best_lr`` on the selection half), the other seeds.
+    """Train the study's runs (``plan``) not finished before; return them by
+    ``Run.key``, and each arm's best lr (empty without a grid).
     ``run_missing=False``: train nothing, return the finished runs only."""
-    runs: dict[str, Run] = {}
-
-    def stage(planned: list[Run], tag: str) -> None:
-        train_runs(planned, tag, run_missing)
-        runs.update({r.key: r for r in planned if run_missing or finished(r)})
-
-    stage(
-        [make_run(study, a, size, s, extra, controls, root) for a in study.arms for s in seeds], ""
-    )
-    if not controls.lrs:
-        return runs, {}
-    chosen = seeds[: controls.select_seeds]
-    stage(
-        [
-            make_run(study, a, size, s, extra, controls, root, lr)
-            for a in study.arms
-            for lr in controls.lrs
-            for s in chosen
-        ],
-        "lr grid ",
-    )
-    best = {a.label: st.best_lr(_grid(study, a, runs, chosen)) for a in study.arms}
-    stage(
-        [
-            make_run(study, a, size, s, extra, controls, root, best[a.label])
-            for a in study.arms
-            for s in seeds[controls.select_seeds :]
-        ],
-        "best lr ",
-    )
-    return runs, best
+    args = (study, size, seeds, extra, controls, root, not run_missing)
+    train_planned(study.name, lambda: plan(*args)[:2], run_missing)
+    known, _, best = plan(*args)
+    return {r.key: r for r in known if run_missing or finished(r)}, best
 
 
 def run(
@@ -379,8 +433,9 @@ def _compare(
     study: Study, results: Mapping[tuple[str, int], Result], seeds: Sequence[int]
 ) -> list[dict]:
     """One row per arm over ``results[(label, seed)]``: the report-half loss, its
-    paired difference to the reference (t and p over seeds), and the tokens each
-    seed needs to reach the reference's final loss under that seed."""
+    paired difference to the reference (its 95% t-interval, t and p over seeds; no
+    verdict with fewer than ``stats.MIN_EVALS`` evaluations per curve or one seed),
+    and the tokens each seed needs to reach the reference's final loss under that seed."""
     rows = []
     for arm in study.arms:
         res = [results[(arm.label, s)] for s in seeds]
@@ -395,6 +450,8 @@ def _compare(
         reached = [x for x in reach if x is not None]
         m, sd = _mean_std(val)
         d, d_sd = _mean_std(delta)
+        low, high = st.mean_ci(delta) if arm.label != study.reference else (math.nan,) * 2
+        evals = min(len(r.val_steps) for r in (*res, *ref))
         rows.append(
             {
                 "arm": arm.label,
@@ -405,9 +462,14 @@ def _compare(
                 "val_ppl": float(np.mean(np.exp(val))),
                 "delta": d,
                 "delta_std": d_sd,
+                "ci_low": low,
+                "ci_high": high,
                 "t": t,
                 "p": p,
-                "verdict": "reference" if arm.label == study.reference else st.verdict(d, p),
+                "evals": evals,
+                "verdict": "reference"
+                if arm.label == study.reference
+                else st.verdict(d, p, evals=evals, seeds=len(seeds)),
                 "tokens_to_target": float(np.mean(reached)) if len(reached) == len(seeds) else None,
                 "reached": len(reached),
                 "diverged": sum(r.diverged for r in res),
@@ -484,10 +546,18 @@ def _fmt_p(p: float) -> str:
     return "-" if not math.isfinite(p) else (f"{p:.3f}" if p >= 1e-3 else f"{p:.1e}")
 
 
+def _fmt_ci(row: dict) -> str:
+    low, high = row.get("ci_low", math.nan), row.get("ci_high", math.nan)
+    return "-" if not math.isfinite(low) else f"[{low:+.4f}, {high:+.4f}]"
+
+
 def _comparison_md(study: Study, rows: list[dict], total_tokens: float) -> list[str]:
     extra = [k for k in rows[0] if k.startswith("acc:")]
-    head = "| arm | lr | val loss | val PPL | Δ vs ref | t | p | verdict | tokens to ref's loss |"
-    md = [head + "".join(f" {k[4:]} |" for k in extra), "|---" * (9 + len(extra)) + "|"]
+    head = (
+        "| arm | lr | val loss | val PPL | Δ vs ref | 95% CI of Δ | t | p | verdict "
+        "| tokens to ref's loss |"
+    )
+    md = [head + "".join(f" {k[4:]} |" for k in extra), "|---" * (10 + len(extra)) + "|"]
     for r in rows:
         loss = "diverged" if r["diverged"] else f"{r['val_loss']:.4f} ± {r['val_loss_std']:.4f}"
         cells = [
@@ -496,6 +566,7 @@ def _comparison_md(study: Study, rows: list[dict], total_tokens: float) -> list[
             loss,
             f"{r['val_ppl']:.2f}",
             f"{r['delta']:+.4f} ± {r['delta_std']:.4f}",
+            _fmt_ci(r),
             "-" if not math.isfinite(r["t"]) else f"{r['t']:+.2f}",
             _fmt_p(r["p"]),
             r["verdict"],
@@ -526,8 +597,10 @@ def _write_tables(
         "",
         f"Validation loss on the report half of the held-out windows at the last step, mean ± "
         f"std over {len(seeds)} seeds. Δ: the paired difference (same seed) to "
-        f"`{study.reference}`, with the paired t-test over seeds (t, two-sided p); the "
-        "verdict says better or worse at p < 0.05. Tokens to ref's loss: the tokens the "
+        f"`{study.reference}`, mean ± std, its 95% t-interval, and the paired t-test over "
+        "seeds (t, two-sided p); the verdict says better or worse at p < 0.05 (none with "
+        f"fewer than {st.MIN_EVALS} evaluations per curve, or one seed). Tokens to ref's "
+        "loss: the tokens the "
         "arm's validation curve needs to reach the reference's final loss under the same "
         f"seed, interpolated between evaluations (mean over seeds; in brackets the fraction "
         f"of the run's {total / 1e6:.3g} M tokens).",
@@ -600,7 +673,10 @@ def _plot(study: Study, out: pathlib.Path, runs: dict, seeds: Sequence[int]) -> 
             n = min(len(y) for _, y in curves)
             ys = np.stack([y[:n] for _, y in curves])
             ys = np.exp(ys) if ppl else ys
-            (line,) = ax.plot(curves[0][0][:n], ys.mean(0), label=arm.label)
+            marker = "o" if n <= 40 else None  # a curve of one evaluation is a point
+            (line,) = ax.plot(
+                curves[0][0][:n], ys.mean(0), label=arm.label, marker=marker, markersize=4
+            )
             ax.fill_between(
                 curves[0][0][:n], ys.min(0), ys.max(0), color=line.get_color(), alpha=0.2
             )

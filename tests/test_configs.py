@@ -5,16 +5,16 @@ import pytest
 from flax import nnx
 
 import launch
-from configs import default, dense, moe
+from configs import common, default, dense, moe
 from polyjax import activations as acts
 from polyjax.config import Spec
-from polyjax.model import Transformer, param_counts
+from polyjax.model import Transformer, flops_per_token, param_counts
 
 FAMILIES = {"dense": dense, "moe": moe}
 
 
 @pytest.mark.parametrize("family", ["dense", "moe"])
-@pytest.mark.parametrize("size", ["tiny", "cpu", "small", "gpu", "1b"])
+@pytest.mark.parametrize("size", ["tiny", "cpu", "small", "gpu", "1b", *common.LADDER])
 def test_every_activation_loads(family, size):
     for act in acts.REGISTRY:
         spec = Spec.from_config(FAMILIES[family].get_config(f"act={act},size={size}"))
@@ -35,6 +35,32 @@ def test_cpu_size_is_the_small_model_narrowed():
     assert cpu["model"]["d_ff"] == small["model"]["d_ff"]  # the FFN keeps its width
     assert (cpu["data"]["seq_len"], cpu["data"]["global_batch"]) == (128, 16)
     assert (cpu["train"]["steps"], cpu["train"]["eval_every"]) == (300, 50)
+
+
+def test_ladder_starts_at_the_cpu_shape_and_spans_30x_in_compute():
+    """Rung 0 is the cpu size's model (its vocabulary aside); parameters and tokens
+    grow together up the rungs, the top >= 30x rung 0 in training FLOPs, within one
+    pass over the ladder corpus; every rung evaluates on the same held-out batches."""
+    for act in ("swiglu", "polynorm"):
+        cpu = dense.get_config(f"act={act},size=cpu").model.to_dict()
+        rung0 = dense.get_config(f"act={act},size=ladder0").model.to_dict()
+        assert {k: v for k, v in rung0.items() if k not in ("vocab_size",)} == {
+            k: v for k, v in cpu.items() if k not in ("vocab_size",)
+        }
+    compute, params, tokens, evals = [], [], [], set()
+    for size in common.LADDER:
+        cfg = dense.get_config(f"act=polynorm,size={size}")
+        spec = Spec.from_config(cfg)
+        tokens.append(cfg.train.steps * cfg.data.global_batch * cfg.data.seq_len)
+        params.append(param_counts(spec.model)["total"])
+        compute.append(flops_per_token(spec.model, cfg.data.seq_len) * tokens[-1])
+        evals.add(
+            (cfg.data.source, cfg.data.seq_len, cfg.data.global_batch, cfg.train.eval_batches)
+        )
+    assert params == sorted(params) and tokens == sorted(tokens) and compute == sorted(compute)
+    assert compute[-1] / compute[0] >= 30
+    assert tokens[-1] < 0.95 * 57e6  # the corpus's training split: no rung repeats its data
+    assert len(evals) == 1
 
 
 @pytest.mark.parametrize("family", ["dense", "moe"])

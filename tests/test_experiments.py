@@ -1,5 +1,6 @@
 """Smoke runs of the studies at the tiny size, and their numerical claims."""
 
+import io
 import json
 import pathlib
 
@@ -10,7 +11,9 @@ import pytest
 import scipy.stats
 from flax import nnx
 
-from experiments import analysis, probes, stats, study, theory
+from configs import dense
+from experiments import analysis, corpus, probes, progress, stats, study, theory
+from polyjax import metrics as mx
 from polyjax.analysis import effective_rank, layer_similarity
 from polyjax.config import Spec
 from polyjax.model import ModelConfig, Transformer, preset
@@ -129,6 +132,118 @@ def test_halves_and_paired_t_against_direct_computation():
     assert p == pytest.approx(scipy.stats.ttest_1samp(d, 0.0).pvalue)
 
 
+def test_mean_ci_is_the_t_interval_of_scipy_and_of_the_closed_form():
+    d = np.array([-0.19, -0.17, -0.21, -0.18])
+    low, high = stats.mean_ci(d)
+    want = scipy.stats.ttest_1samp(d, 0.0).confidence_interval(0.95)
+    assert (low, high) == pytest.approx((want.low, want.high), rel=1e-12)
+    # closed form with two seeds: t_{1, 0.975} = tan(pi (0.975 - 1/2)) = 12.706...
+    two = np.array([0.10, 0.14])
+    half = np.tan(np.pi * 0.475) * two.std(ddof=1) / np.sqrt(2)
+    assert stats.mean_ci(two) == pytest.approx((0.12 - half, 0.12 + half), rel=1e-9)
+    assert all(np.isnan(stats.mean_ci([0.1])))  # one seed: no interval
+    assert all(np.isnan(stats.mean_ci([0.1, float("inf")])))  # a diverged seed
+
+
+def test_verdict_is_withheld_where_it_would_be_noise():
+    assert stats.verdict(-0.2, 0.001) == "better"
+    assert stats.verdict(+0.2, 0.001) == "worse"
+    assert stats.verdict(-0.2, 0.2) == "no difference shown"
+    # a curve of one or two evaluations (a smoke run of 4 steps): no verdict at any p
+    assert stats.verdict(-0.2, 0.008, evals=1, seeds=3) == stats.TOO_FEW_EVALS
+    assert stats.verdict(-0.2, 0.008, evals=stats.MIN_EVALS, seeds=3) == "better"
+    assert stats.verdict(-0.2, float("nan"), evals=5, seeds=1) == stats.TOO_FEW_SEEDS
+
+
+def test_line_fit_slope_interval_against_scipy_linregress():
+    rng = np.random.default_rng(0)
+    x = np.repeat([12.6, 13.1, 13.5, 14.2], 3)
+    y = -0.2 + 0.03 * (x - 12.6) + rng.normal(0, 0.01, len(x))
+    fit = stats.line_fit(x, y)
+    ref = scipy.stats.linregress(x, y)
+    t = scipy.stats.t.ppf(0.975, len(x) - 2)
+    assert fit["slope"] == pytest.approx(ref.slope, rel=1e-10)
+    assert fit["intercept"] == pytest.approx(ref.intercept, rel=1e-10)
+    assert fit["slope_low"] == pytest.approx(ref.slope - t * ref.stderr, rel=1e-10)
+    assert fit["slope_high"] == pytest.approx(ref.slope + t * ref.stderr, rel=1e-10)
+    # at the mean x the line's interval is the mean's: t s / sqrt(n); far out it widens
+    value, low, high = stats.line_at(fit, x.mean())
+    assert value == pytest.approx(y.mean(), rel=1e-10)
+    assert (high - low) / 2 == pytest.approx(t * fit["resid_sd"] / np.sqrt(len(x)), rel=1e-10)
+    far = stats.line_at(fit, 21.4)
+    assert far[2] - far[1] > 10 * (high - low)
+    # two points: a line, no interval; one distinct x: no line
+    assert np.isnan(stats.line_fit([1.0, 2.0], [0.0, 1.0])["slope_low"])
+    assert np.isnan(stats.line_fit([1.0, 1.0, 1.0], [0.0, 1.0, 2.0])["slope"])
+
+
+def test_run_log_forwards_the_trainer_progress_and_reports_its_steps():
+    log, seen = io.StringIO(), []
+    out = progress.RunLog(log, lambda step, total: seen.append((step, total)))
+    meter = mx.Progress(300, 0, out)  # what train() writes its progress with
+    meter.update(20, 4.1, 1000.0)
+    meter.message("summary: ...")
+    meter.update(40, 3.9, 1000.0, "  val 3.95")
+    assert seen == [(20, 300), (40, 300)]
+    assert log.getvalue().count("step ") == 2 and "summary" in log.getvalue()
+
+
+def test_study_progress_counts_runs_and_gives_the_eta_from_the_measured_rate():
+    now = [0.0]
+    stream = io.StringIO()
+    p = progress.StudyProgress("order", stream=stream, every_s=0.0, clock=lambda: now[0])
+    cfg = lambda: dense.get_config("act=polyrelu,size=tiny")  # 100 steps
+    a, b, c = cfg(), cfg(), cfg()
+    p.plan([cfg(), cfg()], [a, b, c])  # two runs done before, three to go
+    p.start(a, "r=3 lr 0.001 seed 0")
+    p.step(10, 100)  # the first report: compile time is not counted
+    now[0] = 20.0
+    p.step(60, 100)  # 50 steps in 20 s
+    per_step = 20.0 / 50
+    # the rest of this run (40 steps) and two more runs of the same shape (100 each)
+    assert p.eta() == pytest.approx(per_step * (40 + 100 + 100), rel=1e-9)
+    line = stream.getvalue().splitlines()[-1]
+    assert line.startswith("[order] 2/5 runs done; now r=3 lr 0.001 seed 0 step 60/100")
+    assert line.endswith(f"study ETA {progress.duration(per_step * 240)}")
+    now[0] = 36.0
+    p.step(100, 100)
+    p.end()  # measured: 36 - 0 s over the 90 steps after the first report
+    p.plan([cfg(), cfg(), a], [b, c])
+    assert p.eta() == pytest.approx(36.0 / 90 * 200, rel=1e-9)
+    # a shape never run: the rate over every shape, per FLOP
+    big = dense.get_config("act=polyrelu,size=cpu")
+    p.plan([], [big])
+    rate = 36.0 / (progress.run_flops(a) * 0.9)
+    assert p.eta() == pytest.approx(rate * progress.run_flops(big), rel=1e-9)
+    # a run that reports once (4 steps, logged at the last): its whole time counts
+    tiny = progress.StudyProgress("smoke", stream=stream, every_s=0.0, clock=lambda: now[0])
+    short = dense.get_config("act=polyrelu,size=tiny")
+    short.train.steps = 4
+    tiny.plan([], [short, cfg()])
+    tiny.start(short, "r=3 lr 0.001 seed 0")
+    now[0] += 8.0
+    tiny.step(4, 4)
+    tiny.end()
+    tiny.plan([short], [cfg()])
+    assert tiny.eta() == pytest.approx(8.0 / 4 * 100, rel=1e-9)
+    assert progress.duration(3725) == "1:02:05" and progress.duration(float("nan")) == "?"
+
+
+def test_corpus_keeps_one_file_per_path_and_leaves_out_editable_finders(tmp_path):
+    for version, text in (("a", "x = 1\n"), ("b", "x = 2\n")):
+        pkg = tmp_path / version / "site-packages" / "pkg"
+        pkg.mkdir(parents=True)
+        (pkg / "mod.py").write_text(text)  # the same path in two interpreters
+        (pkg / f"only_{version}.md").write_text(f"# {version}\n")
+        (pkg.parent / "__editable___pkg_finder.py").write_text(f"MAPPING = '{tmp_path}'\n")
+    roots = [str(tmp_path / "a"), str(tmp_path / "b")]
+    names = lambda docs: sorted(pathlib.Path(d["path"]).name for d in docs)
+    assert names(corpus.collect(roots, 1.0)) == ["mod.py", "mod.py", "only_a.md", "only_b.md"]
+    one = corpus.collect(roots, 1.0, one_per_path=True)
+    assert names(one) == ["mod.py", "only_a.md", "only_b.md"]
+    assert not any("__editable__" in d["path"] for d in one)
+
+
 def test_study_report_selects_on_one_half_and_reports_the_other(tmp_path):
     """Synthetic runs (metrics.jsonl only): the best lr is chosen on the selection
     half even where the report half would choose another, and the tables follow."""
@@ -211,6 +326,9 @@ def test_study_smoke_runs_tabulates_and_resumes(tmp_path):
     assert rows[1]["val_loss_std"] == pytest.approx(np.std(val, ddof=1), rel=1e-6)
     assert rows[1]["delta"] == pytest.approx(np.mean(delta), rel=1e-6)
     assert rows[1]["delta_std"] == pytest.approx(np.std(delta, ddof=1), rel=1e-6)
+    # 4 steps, evaluated at 2 and 4: no verdict, whatever p says
+    assert rows[1]["evals"] == 2 and rows[1]["verdict"] == stats.TOO_FEW_EVALS
+    assert stats.TOO_FEW_EVALS in (tmp_path / "smoke" / "table.md").read_text()
     for name in ("table.md", "table.csv", "curves.png", "runs.json"):
         assert (tmp_path / "smoke" / name).stat().st_size > 0
     # seeds differ (the spread is real), and a second call reruns nothing

@@ -49,6 +49,8 @@ def test_bad_config_argument(launch_py):
         (["--sweep=model.activation.order"], ["--sweep", "field=v1,v2"]),
         (["--experiment=nope"], ["unknown experiment 'nope'", "order"]),
         (["--experiment=order", "--dry_run"], ["--experiment", "--dry_run"]),
+        (["--experiment=scaling", "--size=ladder9"], ["'ladder9' is not a size", "ladder3"]),
+        (["--experiment=scaling", "--tasks=paper"], ["--tasks", "scaling"]),
         (["--config.optim=1"], ["config.optim"]),
     ],
 )

@@ -1,0 +1,202 @@
+"""The scaling ladder (experiments/ladder.py): what it plans from what has finished,
+its fits and verdict on synthetic runs, its corpus guard, and a tiny ladder
+interrupted mid-run that continues where it stopped."""
+
+import json
+import math
+import shutil
+
+import numpy as np
+import pytest
+import scipy.stats
+
+from experiments import ladder, stats, study
+from experiments.ladder import LadderControls, Rung
+from polyjax.data import build, sources, tokenizers
+
+RUNGS = (Rung("t0", "tiny"), Rung("t1", "tiny", (("model.d_model", 96),)))
+ARMS = ("swiglu", "polyrelu")
+
+
+def _finish(run, select, report=None, evals=3):
+    """A finished run without training: its metrics.jsonl (``evals`` evaluations of
+    two batches, the selection and the report half, ending at ``select``/``report``)
+    and summary.json."""
+    report = select if report is None else report
+    run.workdir.mkdir(parents=True, exist_ok=True)
+    recs = [
+        {"step": k, "loss": report + 1.0, "val_batch_ce": [select + d, report + d],
+         "val_batch_tokens": [1, 1]}
+        for k, d in ((2 * (i + 1), 0.1 * (evals - 1 - i)) for i in range(evals))
+    ]  # fmt: skip
+    (run.workdir / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in recs))
+    (run.workdir / "summary.json").write_text(json.dumps({"val_loss": report}))
+
+
+def _plan(root, seeds=(0, 1), **controls):
+    return ladder.plan(RUNGS, seeds, {}, root, LadderControls(arms=ARMS, **controls))
+
+
+def _lrs(runs, rung, arm, seed):
+    return [r.lr for r in runs if (r.rung, r.arm.label, r.seed) == (rung, arm, seed)]
+
+
+def test_ladder_plans_each_rung_from_the_best_lr_of_the_rung_below(tmp_path):
+    known, forecast, best = _plan(tmp_path)
+    # nothing finished: the first rung's grids only (centre 3e-3 x 1/2, 1, 2, seed 0)
+    assert {r.rung for r in known} == {"t0"} and {r.seed for r in known} == {0}
+    assert _lrs(known, "t0", "swiglu", 0) == [1.5e-3, 3e-3, 6e-3] and not best
+    # stand-ins: each arm's other seed here, and all of the next rung (3 grid + 1)
+    assert len(forecast) == 2 * 1 + 2 * (3 + 1)
+    # swiglu best inside its grid, polyrelu at the upper edge
+    loss = {
+        "swiglu": {1.5e-3: 3.3, 3e-3: 3.1, 6e-3: 3.2},
+        "polyrelu": {1.5e-3: 3.2, 3e-3: 3.1, 6e-3: 3.0},
+    }
+    for r in known:
+        _finish(r, loss[r.arm.label][r.lr])
+    known, forecast, best = _plan(tmp_path)
+    assert best == {("t0", "swiglu"): 3e-3}
+    # polyrelu's grid grows past the edge; swiglu's other seed and next rung are known
+    assert _lrs(known, "t0", "polyrelu", 0) == [1.5e-3, 3e-3, 6e-3, 1.2e-2]
+    assert _lrs(known, "t0", "swiglu", 1) == [3e-3]
+    assert _lrs(known, "t1", "swiglu", 0) == [1.5e-3, 3e-3, 6e-3]
+    assert _lrs(known, "t1", "polyrelu", 0) == []  # waits for its rung-0 best
+    # the training order: every run of the first rung before any of the second
+    rungs = [r.rung for r in known]
+    assert rungs == sorted(rungs)
+    # the extension is worse: 6e-3 is the best, inside the grid now
+    (ext,) = [r for r in known if r.lr == 1.2e-2]
+    _finish(ext, 3.05)
+    known, _, best = _plan(tmp_path)
+    assert best[("t0", "polyrelu")] == 6e-3
+    assert _lrs(known, "t1", "polyrelu", 0) == [3e-3, 6e-3, 1.2e-2]
+    # a grid at its edge extends at most `extend` times; `first` sets the first grid
+    known, _, _ = _plan(tmp_path, extend=0)
+    assert _lrs(known, "t0", "polyrelu", 0) == [1.5e-3, 3e-3, 6e-3]
+    known, _, _ = _plan(tmp_path / "other", first=(1e-3,), width=1, extend=0)
+    assert _lrs(known, "t0", "swiglu", 0) == [1e-3]
+
+
+def test_ladder_report_fits_the_delta_trend_and_states_it(tmp_path):
+    """Three rungs of synthetic runs whose Δ to SwiGLU grows toward 0 with compute:
+    the fitted slope is scipy's, and the verdict says the margin shrinks."""
+    rungs = (*RUNGS, Rung("t2", "tiny", (("model.d_model", 128),)))
+    seeds, controls = (0, 1, 2), LadderControls(arms=ARMS, first=(3e-3,), width=1, extend=0)
+    root, out = tmp_path / "_runs", tmp_path / "scaling"
+    rng = np.random.default_rng(1)
+    while todo := [r for r in ladder.plan(rungs, seeds, {}, root, controls)[0]
+                   if not study.finished(r)]:  # fmt: skip
+        for r in todo:  # what the plan knows now; then it knows more
+            k = int(r.rung[1])
+            margin = -0.2 + 0.1 * k if r.arm.label == "polyrelu" else 0.0
+            _finish(r, 3.0 - 0.1 * k + margin + rng.normal(0, 0.005))
+    tables = ladder.run(out, rungs=rungs, seeds=seeds, controls=controls, run_missing=False)
+    rows = [r for r in tables["swiglu"] if r["arm"] == "polyrelu"]
+    assert [r["rung"] for r in rows] == ["t0", "t1", "t2"]
+    # the fit over every seed's paired Δ against log10 compute, as scipy fits it
+    x = [math.log10(r["flops"]) for r in rows for _ in seeds]
+    index = json.loads((out / "runs.json").read_text())
+    loss = {(e["rung"], e["arm"], e["seed"]): json.loads(
+        (study.pathlib.Path(e["workdir"]) / "summary.json").read_text())["val_loss"]
+        for e in index.values()}  # fmt: skip
+    y = [
+        loss[(r["rung"], "polyrelu", s)] - loss[(r["rung"], "swiglu", s)]
+        for r in rows
+        for s in seeds
+    ]
+    ref = scipy.stats.linregress(x, y)
+    (fit,) = [f for f in tables["fits"] if f["kind"] == "delta" and f["arm"] == "polyrelu"]
+    assert fit["slope"] == pytest.approx(ref.slope, rel=1e-9)
+    t = scipy.stats.t.ppf(0.975, len(x) - 2)
+    assert fit["slope_low"] == pytest.approx(ref.slope - t * ref.stderr, rel=1e-9)
+    (sentence,) = [v for v in tables["verdict"] if v.startswith("polyrelu vs swiglu")]
+    assert "the margin shrinks" in sentence and "paper's" in sentence
+    md = (out / "table.md").read_text()
+    assert "### Verdict on scale" in md and (out / "scaling.png").stat().st_size > 0
+    # two rungs: the Δs, and no trend
+    two = ladder.run(out, rungs=rungs[:2], seeds=seeds, controls=controls, run_missing=False)
+    (sentence,) = [v for v in two["verdict"] if v.startswith("polyrelu vs swiglu")]
+    assert sentence.endswith(f"too few rungs to fit a trend (need {ladder.MIN_RUNGS}).")
+
+
+def _byte_store(directory, n):
+    shutil.rmtree(directory, ignore_errors=True)
+
+    class Docs(list):
+        fingerprint = f"scenes{n}"
+
+    build.build_store(
+        Docs(sources.shakespeare_scenes()[:n]), tokenizers.ByteTokenizer(), directory,
+        spec="scenes", shard_docs=2,
+    )  # fmt: skip
+
+
+def test_ladder_refuses_a_workdir_whose_runs_trained_on_another_corpus(tmp_path):
+    corpus = tmp_path / "tokens"
+    rungs = (Rung("t0", "tiny", (("data.source", f"tokens:{corpus}"),)),)
+    _byte_store(corpus, 6)
+    ladder.check_corpus(rungs, {}, tmp_path / "scaling")
+    ladder.check_corpus(rungs, {}, tmp_path / "scaling")  # the same corpus again: fine
+    recorded = json.loads((tmp_path / "scaling" / "corpus.json").read_text())
+    assert recorded[str(corpus)]["tokens"] > 0
+    _byte_store(corpus, 5)  # rebuilt from other documents, at the same path
+    with pytest.raises(ValueError, match="is not the corpus the runs of"):
+        ladder.check_corpus(rungs, {}, tmp_path / "scaling")
+
+
+SMOKE = {  # the tiny size, 6 steps, 3 evaluations
+    "train.steps": 6,
+    "train.log_every": 1,
+    "train.eval_every": 2,
+    "train.eval_batches": 2,
+    "train.checkpoint_every": 6,
+    "optim.warmup_steps": 2,
+}
+
+
+def test_an_interrupted_ladder_continues_where_it_stopped(tmp_path, monkeypatch):
+    """Two tiny rungs, two arms, two seeds (8 runs); the third run is stopped at its
+    third step (KeyboardInterrupt, as ^C). The second call trains the six runs not
+    finished, the stopped one included, and none of the two finished before."""
+    controls = LadderControls(arms=ARMS, first=(1e-3,), width=1, extend=0)
+    kwargs = dict(rungs=RUNGS, seeds=(0, 1), extra=SMOKE, controls=controls)
+    real, trained, calls = study.train, [], []
+
+    def stopping(spec, workdir, out):
+        trained.append(workdir)
+        calls.append(workdir)
+        if len(calls) == 3:  # the third call of the whole test
+
+            def stop(step, total):
+                if step >= 3:
+                    raise KeyboardInterrupt
+
+            out.on_step = stop  # fmt: skip
+        return real(spec, workdir, out)
+
+    monkeypatch.setattr(study, "train", stopping)
+    out = tmp_path / "scaling"
+    with pytest.raises(KeyboardInterrupt):
+        ladder.run(out, **kwargs)
+    first = list(trained)
+    assert len(first) == 3 and not (first[2] / "summary.json").exists()
+    # the two finished runs are tabulated already (their grid rows)
+    assert len(json.loads((out / "runs.json").read_text())) == 2
+    stamps = {w: (w / "metrics.jsonl").stat().st_mtime_ns for w in first[:2]}
+    trained.clear()
+    tables = ladder.run(out, **kwargs)
+    assert len(trained) == 6 and first[2] in trained
+    assert not set(first[:2]) & set(trained)
+    assert {w: (w / "metrics.jsonl").stat().st_mtime_ns for w in first[:2]} == stamps
+    index = json.loads((out / "runs.json").read_text())
+    assert len(index) == 8
+    # both rungs tabulated over both seeds, the second rung at the first one's best lr
+    assert [(r["rung"], r["arm"], r["seeds"]) for r in tables["swiglu"]] == [
+        ("t0", "swiglu", 2), ("t0", "polyrelu", 2), ("t1", "swiglu", 2), ("t1", "polyrelu", 2)
+    ]  # fmt: skip
+    assert all(r["evals"] == 3 and r["verdict"] != stats.TOO_FEW_EVALS for r in tables["swiglu"])
+    # a third call trains nothing
+    trained.clear()
+    ladder.run(out, **kwargs)
+    assert trained == []
