@@ -137,6 +137,11 @@ def _check_windows(cfg: DataConfig, train: list[int], val: list[int] | None = No
     if val is None:
         parts = sources.hold_out(_Sizes(train), cfg.val_fraction)
         train, val = ([part[i] for i in range(len(part))] for part in parts)
+    if not any(train) and not any(val):
+        raise ValueError(
+            f"the corpus {cfg.source} is empty: its {len(train) + len(val)} documents hold "
+            "no text; point the source at files with text"
+        )
     at_most = "" if cfg.tokenizer == "byte" else "at most "
     for name, sizes in (("training", train), ("validation", val)):
         tokens = sum(sizes) + len(sizes)
