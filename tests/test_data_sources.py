@@ -163,7 +163,7 @@ def test_empty_corpus_is_an_error(tmp_path):
     with pytest.raises(ValueError, match=r"the files matching 'text:.*\*\.txt' are empty"):
         make_pipeline(_cfg(f"text:{tmp_path}/*.txt", tmp_path))
     _write_jsonl(tmp_path / "e.jsonl", ["", "", ""])  # documents without text
-    with pytest.raises(ValueError, match=r"corpus jsonl:.*e\.jsonl is empty: its 3 documents hold no text"):
+    with pytest.raises(ValueError, match=r"corpus jsonl:.*e\.jsonl is empty: its 3 documents"):
         make_pipeline(_cfg(f"jsonl:{tmp_path}/e.jsonl", tmp_path))
     assert not list((tmp_path / "c" / "tokens").glob("*.partial*"))  # nothing left behind
     (tmp_path / "b.jsonl").write_text("\n\n")
@@ -211,9 +211,9 @@ def test_sequence_longer_than_context_or_corpus(tmp_path):
     src = f"jsonl:{tmp_path}/d.jsonl"
     with pytest.raises(ValueError, match="max_seq_len=32"):
         make_pipeline(_cfg(src, tmp_path), max_seq_len=32)
-    with pytest.raises(ValueError, match=r"validation split of .*d\.jsonl.* holds 7037 tokens, fewer than"):
+    with pytest.raises(ValueError, match=r"validation split of .*d\.jsonl.* holds 7037 tokens"):
         make_pipeline(_cfg(src, tmp_path, seq_len=10_000, val_fraction=0.25))
-    with pytest.raises(ValueError, match=r"training split of .*d\.jsonl.* holds 29096 tokens, fewer than"):
+    with pytest.raises(ValueError, match=r"training split of .*d\.jsonl.* holds 29096 tokens"):
         make_pipeline(_cfg(src, tmp_path, seq_len=50_000, val_fraction=0.25))
 
 
