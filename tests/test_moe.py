@@ -138,6 +138,21 @@ def test_dropless_equals_naive_per_token_loop(name, per_expert, renorm):
     assert float(jnp.sum(stats["load"])) == pytest.approx(1.0)
 
 
+def test_permute_rows_is_the_gather_in_values_and_gradients():
+    """The scatter-written permutation against ``x[order]`` and its ``jax.grad``."""
+    kx, kp, kc = jax.random.split(jax.random.key(0), 3)
+    x = jax.random.normal(kx, (37, 5))
+    order = jax.random.permutation(kp, 37)
+    ct = jax.random.normal(kc, (37, 5))
+    np.testing.assert_array_equal(moe.permute_rows(x, order), x[order])
+    np.testing.assert_array_equal(moe.inverse_permutation(order)[order], jnp.arange(37))
+    loss = lambda f: lambda x: jnp.sum(f(x) * ct)
+    np.testing.assert_allclose(
+        jax.grad(loss(lambda x: moe.permute_rows(x, order)))(x),
+        jax.grad(loss(lambda x: x[order]))(x),
+    )
+
+
 def test_dropless_drops_nothing_under_total_imbalance_and_capacity_reports_drops():
     x = inputs()
     m = layer("polynorm", per_expert=True)
