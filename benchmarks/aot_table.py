@@ -37,6 +37,10 @@ ROWS = {  # label -> (config file argument, overrides)
     ),
     "moe-polynorm": ("configs/moe.py:act=polynorm,size=1b", {}),
     "moe-swiglu": ("configs/moe.py:act=swiglu,size=1b", {}),
+    "moe-polynorm-capacity": (  # XLA:GPU lowers ragged_dot to a dense product per expert
+        "configs/moe.py:act=polynorm,size=1b",
+        {"model.moe.dispatch": "capacity"},
+    ),
     "moe-polynorm-expert4": (  # for 4 devices (v5p-8), where expert=8 does not divide
         "configs/moe.py:act=polynorm,size=1b",
         {"mesh.expert": 4},
