@@ -14,6 +14,7 @@ import io
 import json
 import math
 import pathlib
+import time
 from collections.abc import Callable, Mapping, Sequence
 from types import MappingProxyType
 from typing import Any
@@ -26,12 +27,14 @@ from experiments import stats as st
 from experiments.progress import RunLog, StudyProgress
 from polyjax import metrics as mx
 from polyjax import nonfinite
-from polyjax.config import Spec, TrainConfig
+from polyjax.config import InputError, Spec, TrainConfig
 from polyjax.data import DataConfig, make_pipeline
 from polyjax.model import ModelConfig, MoEConfig
 from polyjax.optim import OptimConfig
 from polyjax.train import train
+from polyjax.workdir import held as held_by_a_run
 
+WAIT_S = 30.0  # train_planned: how often a process with nothing free looks again
 FAMILIES = {"dense": dense.get_config, "moe": moe.get_config}
 
 
@@ -240,9 +243,13 @@ def train_planned(
     every planned run has finished; returns the planned runs. ``planner()`` gives
     (the runs it knows, in training order; the runs it cannot know yet, for the
     progress's ETA only). ``after()``: called after each run trained.
-    ``run_missing=False``: train nothing."""
+    ``run_missing=False``: train nothing.
+
+    Several processes may run the same command on one machine (or on hosts sharing
+    the pool's disk): each trains the first planned run whose workdir no live
+    process has locked, and waits (``WAIT_S``) while every run left is another's."""
     progress = progress or StudyProgress(name)
-    first = True
+    first, waiting = True, False
     while True:
         known, forecast = planner()
         unique = list({r.workdir: r for r in known}.values())
@@ -256,9 +263,26 @@ def train_planned(
             first = False
         if not todo or not run_missing:
             return known
-        train_one(todo[0], progress)
-        if not finished(todo[0]):
-            raise RuntimeError(f"{todo[0].workdir}: the run ended without a summary.json")
+        free = [r for r in todo if not held_by_a_run(r.workdir)]
+        if not free:  # what is left is being trained by other processes: wait for them
+            if not waiting:
+                progress.message(
+                    f"[{name}] the {len(todo)} run(s) planned now are other processes'; "
+                    "waiting for them to finish"
+                )
+                waiting = True
+            time.sleep(WAIT_S)
+            continue
+        waiting = False
+        r = free[0]
+        try:
+            train_one(r, progress)
+        except InputError:
+            if held_by_a_run(r.workdir):
+                continue  # another process locked it between the check and the start
+            raise
+        if not finished(r):
+            raise RuntimeError(f"{r.workdir}: the run ended without a summary.json")
         if after:
             after()
 

@@ -86,6 +86,12 @@ def _describe(record: dict, lock: epath.Path) -> str:
     )
 
 
+def held(workdir: str | os.PathLike) -> bool:
+    """Whether a live run (this process or another) holds ``workdir``'s lock. Reads only."""
+    record = _read(path(workdir) / LOCK)
+    return record is not None and not stale(record)
+
+
 def check(workdir: str | os.PathLike) -> None:
     """InputError if a live run holds ``workdir``'s lock. Reads only."""
     lock = path(workdir) / LOCK

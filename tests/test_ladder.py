@@ -5,6 +5,7 @@ interrupted mid-run that continues where it stopped."""
 import json
 import math
 import shutil
+import threading
 
 import numpy as np
 import pytest
@@ -12,6 +13,7 @@ import scipy.stats
 
 from experiments import ladder, stats, study
 from experiments.ladder import LadderControls, Rung
+from polyjax import workdir
 from polyjax.data import build, sources, tokenizers
 
 RUNGS = (Rung("t0", "tiny"), Rung("t1", "tiny", (("model.d_model", 96),)))
@@ -200,3 +202,33 @@ def test_an_interrupted_ladder_continues_where_it_stopped(tmp_path, monkeypatch)
     trained.clear()
     ladder.run(out, **kwargs)
     assert trained == []
+
+
+def test_processes_sharing_a_ladder_leave_each_other_s_locked_runs_alone(tmp_path, monkeypatch):
+    """Two processes on one ladder: a run whose workdir a live process has locked is
+    that process's. train_planned trains the next free run instead, then waits for
+    the locked one to finish rather than training it twice."""
+    known, _, _ = _plan(tmp_path)
+    busy, free = known[0], known[1]
+    other = workdir.Lock(busy.workdir)  # the other process's run, live (a heartbeat)
+    other.acquire()
+    trained = []
+
+    def finish_the_other():
+        _finish(busy, 3.1)
+        other.release()
+
+    def fake_train(spec, run_dir, out):
+        trained.append(run_dir)
+        _finish(next(r for r in known if r.workdir == run_dir), 3.0)
+        threading.Timer(0.3, finish_the_other).start()  # the other ends a little later
+        return {"val_loss": 3.0}
+
+    monkeypatch.setattr(study, "train", fake_train)
+    monkeypatch.setattr(study, "WAIT_S", 0.05)
+    try:
+        study.train_planned("t", lambda: (known[:2], []))
+    finally:
+        other.release()
+    assert trained == [free.workdir]
+    assert study.finished(busy) and not workdir.held(busy.workdir)
