@@ -805,6 +805,10 @@ def _plot(out: pathlib.Path, tables: dict, points: dict, deltas: dict) -> None:
         if ax.get_legend_handles_labels()[0]:
             ax.legend(fontsize=8)
     for ax in axes:  # log axes over few decades: minor ticks at 2 and 5 only, labelled
+        lo, hi = ax.get_xlim()
+        if hi / lo < 4:  # one rung: its arms' FLOPs differ by < 1%; show a decade around
+            mid = math.sqrt(lo * hi)
+            ax.set_xlim(mid / 3, mid * 3)
         ax.xaxis.set_minor_locator(LogLocator(subs=(2.0, 5.0)))
         ax.xaxis.set_minor_formatter(FuncFormatter(lambda v, _: f"{v:.2g}"))
         ax.tick_params(axis="x", which="minor", labelsize=7)
