@@ -7,7 +7,8 @@ seconds per FLOP measured in this session: per model shape where that shape has
 run, else over every run so far (a ladder's larger rungs run more FLOPs per second
 than its smallest, so the first estimate of them is on the long side). Runs whose
 learning rate is not known yet (the best-lr runs before their grid is finished)
-count at the cost of their shape.
+count at the cost of their shape. With several processes sharing the study, the
+ETA is divided by their number (this one and each holding a planned run's lock).
 """
 
 from __future__ import annotations
@@ -91,14 +92,16 @@ class StudyProgress:
         self.rates: dict[tuple, list[float]] = {}  # shape -> [seconds, FLOPs] measured
         self.done = self.total = 0
         self.pending: list[Any] = []
+        self.processes = 1  # training this study at once (the ETA is shared among them)
         self.current: Any = None
         self.label = ""
         self.last_print = -math.inf
         self.width = 0
 
-    def plan(self, finished: Sequence[Any], pending: Sequence[Any]) -> None:
+    def plan(self, finished: Sequence[Any], pending: Sequence[Any], processes: int = 1) -> None:
         self.done, self.total = len(finished), len(finished) + len(pending)
         self.pending = list(pending)
+        self.processes = max(1, processes)
 
     def start(self, cfg, label: str) -> None:
         self.current, self.label = cfg, label
@@ -160,13 +163,14 @@ class StudyProgress:
             if cfg is self.current and self.step_now is not None:
                 frac = 1.0 - self.step_now / cfg.train.steps
             left += run_flops(cfg) * frac * self.seconds_per_flop(cfg)
-        return left
+        return left / self.processes
 
     def line(self) -> str:
         step = "" if self.step_now is None else f" step {self.step_now}/{self.current.train.steps}"
         return (
             f"[{self.name}] {self.done}/{self.total} runs done; now {self.label}{step}; "
             f"study ETA {duration(self.eta())}"
+            + (f" ({self.processes} processes)" if self.processes > 1 else "")
         )
 
     def message(self, text: str) -> None:

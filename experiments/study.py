@@ -255,7 +255,12 @@ def train_planned(
         unique = list({r.workdir: r for r in known}.values())
         done = [r for r in unique if finished(r)]
         todo = [r for r in unique if not finished(r)]
-        progress.plan([r.cfg for r in done], [r.cfg for r in todo] + [r.cfg for r in forecast])
+        free = [r for r in todo if not held_by_a_run(r.workdir)]
+        progress.plan(
+            [r.cfg for r in done],
+            [r.cfg for r in todo] + [r.cfg for r in forecast],
+            processes=1 + len(todo) - len(free),  # this one and each holding a planned run
+        )
         if first:
             left = len(todo) + len(forecast)
             what = "to train" if run_missing else "not finished, left out"
@@ -263,7 +268,6 @@ def train_planned(
             first = False
         if not todo or not run_missing:
             return known
-        free = [r for r in todo if not held_by_a_run(r.workdir)]
         if not free:  # what is left is being trained by other processes: wait for them
             if not waiting:
                 progress.message(

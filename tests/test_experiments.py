@@ -226,6 +226,12 @@ def test_study_progress_counts_runs_and_gives_the_eta_from_the_measured_rate():
     tiny.end()
     tiny.plan([short], [cfg()])
     assert tiny.eta() == pytest.approx(8.0 / 4 * 100, rel=1e-9)
+    # three processes share the study: each trains a third of what is left
+    shared = [cfg(), cfg(), cfg()]
+    tiny.plan([short], shared, processes=3)
+    assert tiny.eta() == pytest.approx(8.0 / 4 * 100, rel=1e-9)
+    tiny.start(shared[0], "r=3 lr 0.003 seed 0")
+    assert tiny.line().endswith(f"study ETA {progress.duration(200)} (3 processes)")
     assert progress.duration(3725) == "1:02:05" and progress.duration(float("nan")) == "?"
 
 
