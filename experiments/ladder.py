@@ -11,9 +11,11 @@ PolyReLU of order 1, 2 and 4. At each rung, each arm runs an lr grid on the firs
 seed, centred on its best lr of the rung below (``LadderControls.centre`` at the
 first rung) times 1/f, 1, f; a best lr at an edge of the grid extends it by one more
 lr past that edge, at most ``extend`` times. The best lr (selection half) then runs
-on the other seeds. A rung's runs all finish before the next rung's start, so the
-cheap rungs come first; after every run the tables and plots are written again over
-the runs finished so far, so a ladder cut short is already tabulated.
+on the other seeds; SwiGLU, PolyNorm and PolyReLU (``HEADLINE``) train first at each
+rung, grids and seeds, then the orders. A rung's runs all finish before the next
+rung's start, so the cheap rungs come first; after every run the tables and plots
+are written again over the runs finished so far, so a ladder cut short is already
+tabulated.
 
 Runs live in the study pool (``_runs`` beside the workdir), keyed by config, so an
 interrupted ladder continues where it stopped, and a ladder built over several
@@ -62,6 +64,9 @@ ARMS = (
 )
 BY_LABEL = {a.label: a for a in ARMS}
 ORDERS = ("r=1", "r=2", "polyrelu", "r=4")
+# Within a rung, these arms (Figure 1's comparison) train first, grids and seeds, then
+# the orders: a rung cut short has its Δs to SwiGLU before its Δs to r = 3.
+HEADLINE = ("swiglu", "polynorm", "polyrelu")
 
 
 def references(labels: Sequence[str]) -> list[tuple[str, Study]]:
@@ -176,7 +181,8 @@ def plan(
 ) -> tuple[list[Run], list[Run], dict[tuple[str, str], float]]:
     """The ladder's runs as far as its finished runs determine them, rung by rung:
     every arm's grid on the selection seeds (extended past a best edge), then every
-    arm's best lr on the other seeds. Returns (the known runs in training order;
+    arm's best lr on the other seeds, the HEADLINE arms' grids and seeds before the
+    others'. Returns (the known runs in training order;
     stand-ins at the config's lr for the runs not known yet, for the ETA only; the
     best lr of each (rung, arm) known). ``partial``: the best lr over the grid's
     finished runs (a ladder cut short)."""
@@ -185,8 +191,9 @@ def plan(
     centre: dict[str, float | None] = {a.label: controls.centre for a in arms}
     known, forecast, best = [], [], {}
     for k, rung in enumerate(rungs):
-        grids, then = [], []
+        grids, then = {}, {}  # headline arm or not -> runs
         for a in arms:
+            group = a.label in HEADLINE
             stand_in = lambda s, a=a, rung=rung: make_run(rung, a, s, extra, root, None)
             if centre[a.label] is None:  # the rung below has not chosen yet
                 forecast += [stand_in(s) for s in chosen for _ in range(controls.width)]
@@ -196,14 +203,17 @@ def plan(
             runs, b = _grid_of(
                 rung, a, centre[a.label], first, chosen, extra, root, controls, partial
             )
-            grids += runs
+            grids.setdefault(group, []).extend(runs)
             centre[a.label] = b
             if b is None:
                 forecast += [stand_in(s) for s in others]
             else:
                 best[(rung.name, a.label)] = b
-                then += [make_run(rung, a, s, extra, root, b) for s in others]
-        known += grids + then
+                then.setdefault(group, []).extend(
+                    make_run(rung, a, s, extra, root, b) for s in others
+                )
+        for group in (True, False):
+            known += grids.get(group, []) + then.get(group, [])
     return known, forecast, best
 
 

@@ -80,6 +80,19 @@ def test_ladder_plans_each_rung_from_the_best_lr_of_the_rung_below(tmp_path):
     assert _lrs(known, "t0", "swiglu", 0) == [1e-3]
 
 
+def test_ladder_trains_the_activation_comparison_before_the_orders(tmp_path):
+    """Within a rung: SwiGLU's and PolyReLU's grids, then their other seeds, then the
+    order r = 1's grid and seeds, whichever arm the controls list first."""
+    controls = LadderControls(arms=("r=1", "swiglu", "polyrelu"))
+    known, _, _ = ladder.plan(RUNGS[:1], (0, 1), {}, tmp_path, controls)
+    for r in known:  # every grid finished, 3e-3 the best of each
+        _finish(r, {1.5e-3: 3.2, 3e-3: 3.1, 6e-3: 3.3}[r.lr])
+    known, _, _ = ladder.plan(RUNGS[:1], (0, 1), {}, tmp_path, controls)
+    order = [(r.arm.label, r.seed) for r in known]
+    assert order == [("swiglu", 0)] * 3 + [("polyrelu", 0)] * 3 + [
+        ("swiglu", 1), ("polyrelu", 1)] + [("r=1", 0)] * 3 + [("r=1", 1)]  # fmt: skip
+
+
 def test_ladder_report_fits_the_delta_trend_and_states_it(tmp_path):
     """Three rungs of synthetic runs whose Δ to SwiGLU grows toward 0 with compute:
     the fitted slope is scipy's, and the verdict says the margin shrinks."""
