@@ -396,9 +396,10 @@ def report(out: str | pathlib.Path) -> dict:
     """The ladder's tables and plots from ``runs.json`` (its finished runs): per rung,
     every arm at its best lr with Δ to SwiGLU and to r = 3; per arm a straight line
     in log-log (loss against compute); per arm the Δs against log10 compute with the
-    95% interval of their slope; the verdict on scale. A rung is compared once every
-    arm has chosen its lr (``ladder.json``'s "best": its grid finished; without that
-    record, the best of the grid runs finished)."""
+    95% interval of their slope; the verdict on scale. An arm is compared at a rung
+    once it has chosen its lr (``ladder.json``'s "best": its grid finished; without
+    that record, the best of the grid runs finished) and every seed has finished there,
+    so a rung's first arms are compared while its last ones train."""
     out = pathlib.Path(out)
     index = json.loads((out / "runs.json").read_text())
     made = json.loads((out / "ladder.json").read_text()) if (out / "ladder.json").exists() else {}
@@ -460,32 +461,33 @@ def report(out: str | pathlib.Path) -> dict:
                 "minutes": speed * first["steps"] / 60,
             }
         )
-        if len(best) < len(arms):
-            continue  # an arm's grid is still running
-        done = [s for s in seeds if all((rung, a, best[a], s) in results for a in best)]
-        if not done:
-            continue
-        res = {(a, s): results[(rung, a, best[a], s)] for a in best for s in done}
-        flops = {a: meta[(rung, a, best[a], done[0])]["flops"] for a in best}
+        # an arm joins its rung's comparisons once its lr is chosen and every seed has
+        # finished at it; the rest of the rung (the orders, say) may still be training
+        ready = [a for a in best if all((rung, a, best[a], s) in results for s in seeds)]
+        res = {(a, s): results[(rung, a, best[a], s)] for a in ready for s in seeds}
+        flops = {a: meta[(rung, a, best[a], seeds[0])]["flops"] for a in ready}
         for name, ref_study in references(labels):
-            for row in sd._compare(ref_study, res, done):
+            compared = tuple(a for a in ref_study.arms if a.label in ready)
+            if ref_study.reference not in ready or len(compared) < 2:
+                continue
+            for row in sd._compare(dataclasses.replace(ref_study, arms=compared), res, seeds):
                 row |= {
                     "rung": rung,
                     "lr": best[row["arm"]],
                     "flops": flops[row["arm"]],
-                    "seed_list": done,
+                    "seed_list": seeds,
                 }
                 tables[name].append(row)
                 if row["arm"] == ref_study.reference:
                     continue
                 d = deltas.setdefault((ref_study.reference, row["arm"]), {"x": [], "y": []})
-                for s in done:
+                for s in seeds:
                     own = res[(row["arm"], s)].final["report"]
                     d["x"].append(math.log10(flops[row["arm"]]))
                     d["y"].append(own - res[(ref_study.reference, s)].final["report"])
-        for a in best:
+        for a in ready:
             p = points.setdefault(a, {"x": [], "y": [], "rung": []})
-            for s in done:
+            for s in seeds:
                 p["x"].append(math.log10(flops[a]))
                 p["y"].append(res[(a, s)].final["report"])
                 p["rung"].append(rung)

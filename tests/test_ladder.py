@@ -135,6 +135,50 @@ def test_ladder_report_fits_the_delta_trend_and_states_it(tmp_path):
     assert sentence.endswith(f"too few rungs to fit a trend (need {ladder.MIN_RUNGS}).")
 
 
+def test_ladder_report_compares_a_rung_s_finished_arms_while_the_orders_train(tmp_path):
+    """A rung whose SwiGLU and PolyReLU have every seed while r = 1 is still on its
+    grid, then on its other seed: the finished pair is compared at that rung on all
+    seeds, r = 1 is left out of it until its own seeds finish, and the earlier rungs
+    are untouched."""
+    rungs = (*RUNGS, Rung("t2", "tiny", (("model.d_model", 128),)))
+    seeds = (0, 1)
+    controls = LadderControls(arms=(*ARMS, "r=1"), first=(3e-3,), width=1, extend=0)
+    root, out = tmp_path / "_runs", tmp_path / "scaling"
+    loss = {"swiglu": 3.0, "polyrelu": 2.8, "r=1": 2.9}
+
+    def finish(held):
+        while todo := [r for r in ladder.plan(rungs, seeds, {}, root, controls)[0]
+                       if not study.finished(r) and not held(r)]:  # fmt: skip
+            for r in todo:
+                _finish(r, loss[r.arm.label] - 0.1 * int(r.rung[1]) + 0.01 * r.seed)
+        return ladder.run(out, rungs=rungs, seeds=seeds, controls=controls, run_missing=False)
+
+    def compared(tables, name, rung):
+        return {r["arm"]: r["seed_list"] for r in tables[name] if r["rung"] == rung}
+
+    both = {"swiglu": [0, 1], "polyrelu": [0, 1]}
+    # r = 1's grid at the top rung not run yet
+    tables = finish(lambda r: r.rung == "t2" and r.arm.label == "r=1")
+    assert compared(tables, "swiglu", "t2") == both
+    assert compared(tables, "r3", "t2") == {}
+    assert compared(tables, "swiglu", "t1") == {**both, "r=1": [0, 1]}
+    (fit,) = [f for f in tables["fits"] if f["kind"] == "delta" and f["arm"] == "polyrelu"]
+    assert fit["n"] == 3 * len(seeds)
+    (fit,) = [f for f in tables["fits"] if f["kind"] == "delta" and f["arm"] == "r=1"
+              and f["ref"] == "swiglu"]  # fmt: skip
+    assert fit["n"] == 2 * len(seeds)
+    # its grid finished (its lr chosen), its other seed not yet
+    tables = finish(lambda r: r.rung == "t2" and r.arm.label == "r=1" and r.seed == 1)
+    assert [g["best_lr"] for g in tables["grid"] if g["rung"] == "t2"] == [3e-3] * 3
+    assert compared(tables, "swiglu", "t2") == both
+    # all of it: r = 1 joins, Δ to SwiGLU -0.1 at every rung
+    tables = finish(lambda r: False)
+    assert compared(tables, "swiglu", "t2") == {**both, "r=1": [0, 1]}
+    assert compared(tables, "r3", "t2") == {"polyrelu": [0, 1], "r=1": [0, 1]}
+    rows = [r for r in tables["swiglu"] if r["arm"] == "r=1"]
+    assert [r["delta"] for r in rows] == pytest.approx([-0.1] * 3)
+
+
 def _byte_store(directory, n):
     shutil.rmtree(directory, ignore_errors=True)
 
