@@ -564,6 +564,8 @@ def trend(tables: dict, arm: str, ref: str) -> str:
             f"{fit['at_paper_high']:+.3f}]; the paper's {paper['delta']:+.2f} is "
             f"{'inside' if inside else 'outside'} that interval"
         )
+        if not inside:  # the paper's setting differs (data, tokens per parameter)
+            text += ", so if the settings compare, the line must bend above our top rung"
         if not (toward_zero or away):
             text += ". " + settle(tables, fit, rows)
     return text + ("" if text.endswith(".") else ".")

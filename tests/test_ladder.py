@@ -127,6 +127,8 @@ def test_ladder_report_fits_the_delta_trend_and_states_it(tmp_path):
     assert fit["slope_low"] == pytest.approx(ref.slope - t * ref.stderr, rel=1e-9)
     (sentence,) = [v for v in tables["verdict"] if v.startswith("polyrelu vs swiglu")]
     assert "the margin shrinks" in sentence and "paper's" in sentence
+    # a margin closing 0.1 nats per rung crosses zero long before the paper's compute
+    assert "outside that interval, so if the settings compare, the line must bend" in sentence
     md = (out / "table.md").read_text()
     assert "### Verdict on scale" in md and (out / "scaling.png").stat().st_size > 0
     # two rungs: the Δs, and no trend
