@@ -554,6 +554,14 @@ def trend(tables: dict, arm: str, ref: str) -> str:
     word = "shrinks" if toward_zero else "grows" if away else "holds (no trend shown)"
     sure = f"slope {b:+.3f} per decade of compute, 95% CI [{lo:+.3f}, {hi:+.3f}]"
     text = f"{arm} vs {ref}: {ends}; the {gap} {word}: {sure}, over {fit['n']} runs"
+    lof = fit.get("lof_p", math.nan)
+    if math.isfinite(lof):  # is a line the right summary of the rungs?
+        text += (
+            f"; the rungs depart from a line (lack-of-fit p {lof:.2g}): the change is not "
+            "steady in log compute, so the slope summarises the rungs and predicts nothing"
+            if lof < 0.05
+            else f"; no departure from a line shown (lack-of-fit p {lof:.2f})"
+        )
     if ref == "swiglu" and math.isfinite(fit.get("at_paper", math.nan)):
         paper = tables["paper"]
         decades = math.log10(paper["flops"]) - math.log10(max(r["flops"] for r in rows))
@@ -698,10 +706,12 @@ def _write(out: pathlib.Path, tables: dict) -> None:
         "Loss: log10 L = a - b log10 C over every seed's point (L ∝ C^-b, no floor: with "
         "a few rungs a floor cannot be told from the slope). Δ: Δ = α + β log10 C over every "
         "seed's paired Δ; β's 95% t-interval from the residuals (n - 2 degrees of freedom). "
-        f"Fitted from {MIN_RUNGS} rungs up.",
+        f"Fitted from {MIN_RUNGS} rungs up. Line? : the p of the lack-of-fit F-test (do the "
+        "rungs' means depart from the line by more than the seeds' spread explains; a small "
+        "p says the line summarises the rungs but does not describe them).",
         "",
-        "| fit | arm | slope | 95% CI | rungs | points |",
-        "|---|---|---|---|---|---|",
+        "| fit | arm | slope | 95% CI | rungs | points | line? (p) |",
+        "|---|---|---|---|---|---|---|",
     ]
     for f in tables["fits"]:
         what = "loss (b)" if f["kind"] == "loss" else f"Δ to {f['ref']} (β per decade)"
@@ -712,10 +722,14 @@ def _write(out: pathlib.Path, tables: dict) -> None:
             else (f["slope_low"], f["slope_high"])
         )
         if f["x_distinct"] < MIN_RUNGS:
-            md.append(f"| {what} | {f['arm']} | – | – | {f['x_distinct']} | {f['n']} |")
+            md.append(f"| {what} | {f['arm']} | – | – | {f['x_distinct']} | {f['n']} | – |")
             continue
         ci = f"[{low:+.4f}, {high:+.4f}]" if math.isfinite(low) else "-"
-        md.append(f"| {what} | {f['arm']} | {slope:+.4f} | {ci} | {f['x_distinct']} | {f['n']} |")
+        lof = f.get("lof_p", math.nan)
+        line = f"{lof:.2f}" if math.isfinite(lof) else "-"
+        md.append(
+            f"| {what} | {f['arm']} | {slope:+.4f} | {ci} | {f['x_distinct']} | {f['n']} | {line} |"
+        )
     md += ["", "### Verdict on scale", "", *[f"- {v}" for v in tables["verdict"]]]
     (out / "table.md").write_text("\n".join(md) + "\n")
 

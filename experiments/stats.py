@@ -114,7 +114,10 @@ def line_fit(x: Sequence[float], y: Sequence[float], level: float = 0.95) -> dic
     """Least squares y = intercept + slope x over the points (x, y) (several per x
     allowed: one per seed), with the ``level`` t-interval of the slope from the
     residuals (n - 2 degrees of freedom; nan with fewer than three points or fewer
-    than two distinct x)."""
+    than two distinct x). Where some x repeat and there are three or more distinct x,
+    also the lack-of-fit F-test (``lof_p``): do the means at each x depart from the
+    line by more than the spread within an x (the seeds) explains? A small p says the
+    line summarises the points but does not describe them."""
     x, y = np.asarray(x, float), np.asarray(y, float)
     ok = np.isfinite(x) & np.isfinite(y)
     x, y = x[ok], y[ok]
@@ -131,7 +134,25 @@ def line_fit(x: Sequence[float], y: Sequence[float], level: float = 0.95) -> dic
         sd = math.sqrt(float((resid**2).sum()) / (len(x) - 2))
         half = float(sps.t.ppf((1 + level) / 2, len(x) - 2)) * sd / math.sqrt(sxx)
         out |= {"slope_low": slope - half, "slope_high": slope + half, "resid_sd": sd}
+        out["lof_p"] = lack_of_fit_p(x, resid)
     return out
+
+
+def lack_of_fit_p(x: np.ndarray, resid: np.ndarray) -> float:
+    """p of the lack-of-fit F-test of a straight line from its residuals: the
+    residual sum of squares split into pure error (about each x's own mean, n - k
+    degrees of freedom for k distinct x) and lack of fit (the rest, k - 2);
+    F = (SS_lof / (k - 2)) / (SS_pe / (n - k)). nan without k >= 3 and n > k."""
+    groups = [resid[x == v] for v in np.unique(x)]
+    k, n = len(groups), len(x)
+    if k < 3 or n <= k:
+        return math.nan
+    pure = float(sum(((g - g.mean()) ** 2).sum() for g in groups))
+    lack = float((resid**2).sum()) - pure
+    if pure <= 0:
+        return math.nan
+    f = (max(lack, 0.0) / (k - 2)) / (pure / (n - k))
+    return float(sps.f.sf(f, k - 2, n - k))
 
 
 def line_at(fit: Mapping[str, float], x0: float, level: float = 0.95) -> tuple[float, float, float]:

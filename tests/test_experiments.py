@@ -177,6 +177,25 @@ def test_line_fit_slope_interval_against_scipy_linregress():
     assert np.isnan(stats.line_fit([1.0, 1.0, 1.0], [0.0, 1.0, 2.0])["slope"])
 
 
+def test_line_fit_lack_of_fit_test_against_the_nested_model_comparison():
+    # the F-test of the line against a mean per x: with 4 distinct x, a cubic through
+    # the points (np.polyfit) fits those 4 means exactly, so it is that model
+    rng = np.random.default_rng(1)
+    x = np.repeat([12.6, 13.1, 13.5, 14.2], 3)
+    kink = np.where(x < 14, -0.3, -0.08) + rng.normal(0, 0.01, len(x))
+    rss = lambda deg: float(((kink - np.polyval(np.polyfit(x, kink, deg), x)) ** 2).sum())
+    f = ((rss(1) - rss(3)) / 2) / (rss(3) / (len(x) - 4))
+    fit = stats.line_fit(x, kink)
+    assert fit["lof_p"] == pytest.approx(scipy.stats.f.sf(f, 2, len(x) - 4), rel=1e-8)
+    assert fit["lof_p"] < 1e-4  # flat, then a step: not a line
+    # the points of a line plus the same noise: the test does not reject it
+    line = -0.3 + 0.15 * (x - 12.6) + rng.normal(0, 0.01, len(x))
+    assert stats.line_fit(x, line)["lof_p"] > 0.05
+    # no repeated x, or only two distinct x: no test
+    assert np.isnan(stats.line_fit([1.0, 2.0, 3.0], [0.0, 1.0, 3.0])["lof_p"])
+    assert np.isnan(stats.line_fit([1.0, 1.0, 2.0, 2.0], [0.0, 0.1, 1.0, 1.2])["lof_p"])
+
+
 def test_run_log_forwards_the_trainer_progress_and_reports_its_steps():
     log, seen = io.StringIO(), []
     out = progress.RunLog(log, lambda step, total: seen.append((step, total)))

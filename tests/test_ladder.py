@@ -127,6 +127,13 @@ def test_ladder_report_fits_the_delta_trend_and_states_it(tmp_path):
     assert fit["slope_low"] == pytest.approx(ref.slope - t * ref.stderr, rel=1e-9)
     (sentence,) = [v for v in tables["verdict"] if v.startswith("polyrelu vs swiglu")]
     assert "the margin shrinks" in sentence and "paper's" in sentence
+    # is a line the right summary? the lack-of-fit F-test against a mean per rung
+    # (three rungs: a quadratic through the points fits those three means exactly)
+    x, y = np.asarray(x), np.asarray(y)
+    rss = lambda deg: float(((y - np.polyval(np.polyfit(x, y, deg), x)) ** 2).sum())
+    f = (rss(1) - rss(2)) / (rss(2) / (len(x) - 3))
+    assert fit["lof_p"] == pytest.approx(scipy.stats.f.sf(f, 1, len(x) - 3), rel=1e-6)
+    assert "lack-of-fit p" in sentence
     # a margin closing 0.1 nats per rung crosses zero long before the paper's compute
     assert "outside that interval, so if the settings compare, the line must bend" in sentence
     md = (out / "table.md").read_text()
