@@ -1,11 +1,13 @@
 """The config files: every activation and size loads and validates; the 1B ones
 build abstractly, sharded over the whole mesh."""
 
+import numpy as np
 import pytest
 from flax import nnx
 
 import launch
 from configs import common, default, dense, moe
+from experiments import ladder
 from polyjax import activations as acts
 from polyjax.config import Spec
 from polyjax.model import Transformer, flops_per_token, param_counts
@@ -14,7 +16,9 @@ FAMILIES = {"dense": dense, "moe": moe}
 
 
 @pytest.mark.parametrize("family", ["dense", "moe"])
-@pytest.mark.parametrize("size", ["tiny", "cpu", "small", "gpu", "1b", *common.LADDER])
+@pytest.mark.parametrize(
+    "size", ["tiny", "cpu", "small", "gpu", "1b", *common.LADDER, *common.LADDER_NEXT]
+)
 def test_every_activation_loads(family, size):
     for act in acts.REGISTRY:
         spec = Spec.from_config(FAMILIES[family].get_config(f"act={act},size={size}"))
@@ -61,6 +65,19 @@ def test_ladder_starts_at_the_cpu_shape_and_spans_30x_in_compute():
     assert compute[-1] / compute[0] >= 30
     assert tokens[-1] < 0.95 * 57e6  # the corpus's training split: no rung repeats its data
     assert len(evals) == 1
+    # the next rung (an accelerator's, not in the default ladder) keeps the recipe:
+    # the cpu shape grown together, tokens in proportion to the FLOPs per token
+    per_flop = [t / (c / t) for t, c in zip(tokens, compute, strict=True)]  # t / (C / t)
+    for size in common.LADDER_NEXT:
+        cfg = dense.get_config(f"act=polynorm,size={size}")
+        spec = Spec.from_config(cfg)
+        t = cfg.train.steps * cfg.data.global_batch * cfg.data.seq_len
+        fpt = flops_per_token(spec.model, cfg.data.seq_len)
+        assert t / fpt == pytest.approx(np.mean(per_flop), rel=0.02)
+        assert spec.model.n_layers == spec.model.n_heads == spec.model.d_model // 32
+        assert fpt * t > 5 * compute[-1] and t < 0.95 * 57e6
+        assert size not in [r.name for r in ladder.rungs_of(None)]
+        assert [r.name for r in ladder.rungs_of(f"ladder3,{size}")] == ["ladder3", size]
 
 
 @pytest.mark.parametrize("family", ["dense", "moe"])
