@@ -736,15 +736,17 @@ def _write(out: pathlib.Path, tables: dict) -> None:
 
 def _plot(out: pathlib.Path, tables: dict, points: dict, deltas: dict) -> None:
     """Loss against compute (log-log, each seed's spread as error bars, the fitted
-    lines); Δ to SwiGLU and to r = 3 against compute with their 95% intervals, the
-    fitted lines extended to the paper's compute, and the paper's 1B point."""
+    lines); Δ to SwiGLU against compute with its 95% intervals and fitted lines, over
+    the rungs and again extended to the paper's compute with its 1B point; Δ to r = 3
+    over the rungs."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     from matplotlib.ticker import FormatStrFormatter, FuncFormatter, LogLocator, NullFormatter
 
-    fig, axes = plt.subplots(1, 3, figsize=(18, 5))
+    fig, axes = plt.subplots(2, 2, figsize=(14, 10))
+    axes = axes.ravel()
     colors = {a.label: f"C{i}" for i, a in enumerate(ARMS)}
     ax = axes[0]
     for a, p in points.items():
@@ -784,7 +786,12 @@ def _plot(out: pathlib.Path, tables: dict, points: dict, deltas: dict) -> None:
     )
     ax.legend(fontsize=8)
     paper = tables["paper"]
-    for ax, ref, title in ((axes[1], "swiglu", "Δ to SwiGLU"), (axes[2], "polyrelu", "Δ to r = 3")):
+    panels = (  # axis, reference, title, the fits extended to the paper's compute?
+        (axes[1], "swiglu", "Δ to SwiGLU", False),
+        (axes[2], "swiglu", "Δ to SwiGLU", True),
+        (axes[3], "polyrelu", "Δ to r = 3", False),
+    )
+    for ax, ref, title, to_paper in panels:
         name = "swiglu" if ref == "swiglu" else "r3"
         shown = [a.label for a in ARMS if a.label != ref]
         shown = [a for a in shown if any(r["arm"] == a for r in tables[name])]
@@ -808,13 +815,13 @@ def _plot(out: pathlib.Path, tables: dict, points: dict, deltas: dict) -> None:
             )
             fit = _fit(tables, "delta", a, ref)
             if fit and fit["x_distinct"] >= MIN_RUNGS:
-                end = math.log10(paper["flops"]) if ref == "swiglu" else math.log10(x.max())
+                end = math.log10(paper["flops"]) if to_paper else math.log10(x.max())
                 grid = np.linspace(math.log10(x.min()), end, 50)
                 band = np.array([st.line_at(fit, g) for g in grid])
                 ax.plot(10.0**grid, band[:, 0], color=colors[a], linestyle="--", linewidth=1)
                 ax.fill_between(10.0**grid, band[:, 1], band[:, 2], color=colors[a], alpha=0.1)
         ax.axhline(0, color="gray", linewidth=0.8)
-        if ref == "swiglu":
+        if to_paper:
             ax.plot(
                 [paper["flops"]],
                 [paper["delta"]],
@@ -828,7 +835,8 @@ def _plot(out: pathlib.Path, tables: dict, points: dict, deltas: dict) -> None:
             xscale="log",
             xlabel="training FLOPs",
             ylabel=f"{title} (nats)",
-            title=f"{title}: mean, 95% CI over seeds; dashed: the fit",
+            title=f"{title}{' to the paper' + chr(39) + 's compute' if to_paper else ''}: "
+            "mean, 95% CI over seeds; dashed: the fit",
         )
         if ax.get_legend_handles_labels()[0]:
             ax.legend(fontsize=8)
@@ -841,7 +849,7 @@ def _plot(out: pathlib.Path, tables: dict, points: dict, deltas: dict) -> None:
         ax.xaxis.set_minor_formatter(FuncFormatter(lambda v, _: f"{v:.2g}"))
         ax.tick_params(axis="x", which="minor", labelsize=7)
         ax.title.set_fontsize(10)
-    axes[1].xaxis.set_minor_formatter(NullFormatter())  # nine decades: the majors will do
+    axes[2].xaxis.set_minor_formatter(NullFormatter())  # nine decades: the majors will do
     axes[0].yaxis.set_major_formatter(FormatStrFormatter("%.2f"))
     axes[0].yaxis.set_minor_formatter(FormatStrFormatter("%.2f"))
     fig.tight_layout()
