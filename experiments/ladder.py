@@ -821,6 +821,7 @@ def _plot(out: pathlib.Path, tables: dict, points: dict, deltas: dict) -> None:
                 ax.plot(10.0**grid, band[:, 0], color=colors[a], linestyle="--", linewidth=1)
                 ax.fill_between(10.0**grid, band[:, 1], band[:, 2], color=colors[a], alpha=0.1)
         ax.axhline(0, color="gray", linewidth=0.8)
+        where = " to the paper's compute" if to_paper else ""
         if to_paper:
             ax.plot(
                 [paper["flops"]],
@@ -835,8 +836,7 @@ def _plot(out: pathlib.Path, tables: dict, points: dict, deltas: dict) -> None:
             xscale="log",
             xlabel="training FLOPs",
             ylabel=f"{title} (nats)",
-            title=f"{title}{' to the paper' + chr(39) + 's compute' if to_paper else ''}: "
-            "mean, 95% CI over seeds; dashed: the fit",
+            title=f"{title}{where}: mean, 95% CI over seeds; dashed: the fit",
         )
         if ax.get_legend_handles_labels()[0]:
             ax.legend(fontsize=8)
