@@ -499,6 +499,7 @@ def report(out: str | pathlib.Path) -> dict:
         fit = st.line_fit(d["x"], d["y"])
         ok = math.isfinite(fit["slope"])
         at, low, high = st.line_at(fit, c_paper) if ok else (math.nan,) * 3
+        pooled_low, pooled_high = st.mean_ci(d["y"])  # every run's Δ, as if no trend
         tables["fits"].append(
             {
                 "kind": "delta",
@@ -508,6 +509,10 @@ def report(out: str | pathlib.Path) -> dict:
                 "at_paper": at,
                 "at_paper_low": low,
                 "at_paper_high": high,
+                "pooled": float(np.mean(d["y"])),
+                "pooled_low": pooled_low,
+                "pooled_high": pooled_high,
+                "pooled_p": st.paired_t(d["y"])[1],
             }
         )
     tables["paper"] = {
@@ -561,6 +566,12 @@ def trend(tables: dict, arm: str, ref: str) -> str:
             "steady in log compute, so the slope summarises the rungs and predicts nothing"
             if lof < 0.05
             else f"; no departure from a line shown (lack-of-fit p {lof:.2f})"
+        )
+    if not (toward_zero or away) and not lof < 0.05:  # one Δ describes every rung
+        text += (
+            f"; pooled over the {fit['n']} runs, Δ {fit['pooled']:+.3f} "
+            f"[{fit['pooled_low']:+.3f}, {fit['pooled_high']:+.3f}] "
+            f"(p {sd._fmt_p(fit['pooled_p'])})"
         )
     if ref == "swiglu" and math.isfinite(fit.get("at_paper", math.nan)):
         paper = tables["paper"]
@@ -708,10 +719,11 @@ def _write(out: pathlib.Path, tables: dict) -> None:
         "seed's paired Δ; β's 95% t-interval from the residuals (n - 2 degrees of freedom). "
         f"Fitted from {MIN_RUNGS} rungs up. Line? : the p of the lack-of-fit F-test (do the "
         "rungs' means depart from the line by more than the seeds' spread explains; a small "
-        "p says the line summarises the rungs but does not describe them).",
+        "p says the line summarises the rungs but does not describe them). Pooled: the mean "
+        "of every run's Δ with its 95% t-interval, the summary where no trend is shown.",
         "",
-        "| fit | arm | slope | 95% CI | rungs | points | line? (p) |",
-        "|---|---|---|---|---|---|---|",
+        "| fit | arm | slope | 95% CI | rungs | points | line? (p) | pooled Δ [95% CI] |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for f in tables["fits"]:
         what = "loss (b)" if f["kind"] == "loss" else f"Δ to {f['ref']} (β per decade)"
@@ -722,13 +734,17 @@ def _write(out: pathlib.Path, tables: dict) -> None:
             else (f["slope_low"], f["slope_high"])
         )
         if f["x_distinct"] < MIN_RUNGS:
-            md.append(f"| {what} | {f['arm']} | – | – | {f['x_distinct']} | {f['n']} | – |")
+            md.append(f"| {what} | {f['arm']} | – | – | {f['x_distinct']} | {f['n']} | – | – |")
             continue
         ci = f"[{low:+.4f}, {high:+.4f}]" if math.isfinite(low) else "-"
         lof = f.get("lof_p", math.nan)
         line = f"{lof:.2f}" if math.isfinite(lof) else "-"
+        pooled = "–"
+        if f["kind"] == "delta" and math.isfinite(f["pooled_low"]):
+            pooled = f"{f['pooled']:+.4f} [{f['pooled_low']:+.4f}, {f['pooled_high']:+.4f}]"
         md.append(
-            f"| {what} | {f['arm']} | {slope:+.4f} | {ci} | {f['x_distinct']} | {f['n']} | {line} |"
+            f"| {what} | {f['arm']} | {slope:+.4f} | {ci} | {f['x_distinct']} | {f['n']} "
+            f"| {line} | {pooled} |"
         )
     md += ["", "### Verdict on scale", "", *[f"- {v}" for v in tables["verdict"]]]
     (out / "table.md").write_text("\n".join(md) + "\n")

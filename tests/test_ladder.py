@@ -93,24 +93,26 @@ def test_ladder_trains_the_activation_comparison_before_the_orders(tmp_path):
         ("swiglu", 1), ("polyrelu", 1)] + [("r=1", 0)] * 3 + [("r=1", 1)]  # fmt: skip
 
 
-def test_ladder_report_fits_the_delta_trend_and_states_it(tmp_path):
-    """Three rungs of synthetic runs whose Δ to SwiGLU grows toward 0 with compute:
-    the fitted slope is scipy's, and the verdict says the margin shrinks."""
-    rungs = (*RUNGS, Rung("t2", "tiny", (("model.d_model", 128),)))
-    seeds, controls = (0, 1, 2), LadderControls(arms=ARMS, first=(3e-3,), width=1, extend=0)
+RUNGS3 = (*RUNGS, Rung("t2", "tiny", (("model.d_model", 128),)))
+SEEDS3 = (0, 1, 2)
+CONTROLS3 = LadderControls(arms=ARMS, first=(3e-3,), width=1, extend=0)
+
+
+def _synthetic_ladder(tmp_path, margin):
+    """Three rungs of synthetic runs, PolyReLU's loss ``margin(k)`` off SwiGLU's at
+    rung k (plus noise): the tables, and per rung row the seeds' (log10 C, Δ)."""
     root, out = tmp_path / "_runs", tmp_path / "scaling"
     rng = np.random.default_rng(1)
-    while todo := [r for r in ladder.plan(rungs, seeds, {}, root, controls)[0]
+    while todo := [r for r in ladder.plan(RUNGS3, SEEDS3, {}, root, CONTROLS3)[0]
                    if not study.finished(r)]:  # fmt: skip
         for r in todo:  # what the plan knows now; then it knows more
             k = int(r.rung[1])
-            margin = -0.2 + 0.1 * k if r.arm.label == "polyrelu" else 0.0
-            _finish(r, 3.0 - 0.1 * k + margin + rng.normal(0, 0.005))
-    tables = ladder.run(out, rungs=rungs, seeds=seeds, controls=controls, run_missing=False)
+            off = margin(k) if r.arm.label == "polyrelu" else 0.0
+            _finish(r, 3.0 - 0.1 * k + off + rng.normal(0, 0.005))
+    tables = ladder.run(out, rungs=RUNGS3, seeds=SEEDS3, controls=CONTROLS3, run_missing=False)
     rows = [r for r in tables["swiglu"] if r["arm"] == "polyrelu"]
     assert [r["rung"] for r in rows] == ["t0", "t1", "t2"]
-    # the fit over every seed's paired Δ against log10 compute, as scipy fits it
-    x = [math.log10(r["flops"]) for r in rows for _ in seeds]
+    x = [math.log10(r["flops"]) for r in rows for _ in SEEDS3]
     index = json.loads((out / "runs.json").read_text())
     loss = {(e["rung"], e["arm"], e["seed"]): json.loads(
         (study.pathlib.Path(e["workdir"]) / "summary.json").read_text())["val_loss"]
@@ -118,8 +120,16 @@ def test_ladder_report_fits_the_delta_trend_and_states_it(tmp_path):
     y = [
         loss[(r["rung"], "polyrelu", s)] - loss[(r["rung"], "swiglu", s)]
         for r in rows
-        for s in seeds
+        for s in SEEDS3
     ]
+    return tables, out, x, y
+
+
+def test_ladder_report_fits_the_delta_trend_and_states_it(tmp_path):
+    """Three rungs of synthetic runs whose Δ to SwiGLU grows toward 0 with compute:
+    the fitted slope is scipy's, and the verdict says the margin shrinks."""
+    tables, out, x, y = _synthetic_ladder(tmp_path, lambda k: -0.2 + 0.1 * k)
+    # the fit over every seed's paired Δ against log10 compute, as scipy fits it
     ref = scipy.stats.linregress(x, y)
     (fit,) = [f for f in tables["fits"] if f["kind"] == "delta" and f["arm"] == "polyrelu"]
     assert fit["slope"] == pytest.approx(ref.slope, rel=1e-9)
@@ -138,10 +148,28 @@ def test_ladder_report_fits_the_delta_trend_and_states_it(tmp_path):
     assert "outside that interval, so if the settings compare, the line must bend" in sentence
     md = (out / "table.md").read_text()
     assert "### Verdict on scale" in md and (out / "scaling.png").stat().st_size > 0
+    # a trend shown: the pooled Δ is in the fits, not the verdict
+    assert "pooled" not in sentence
     # two rungs: the Δs, and no trend
-    two = ladder.run(out, rungs=rungs[:2], seeds=seeds, controls=controls, run_missing=False)
+    two = ladder.run(out, rungs=RUNGS3[:2], seeds=SEEDS3, controls=CONTROLS3, run_missing=False)
     (sentence,) = [v for v in two["verdict"] if v.startswith("polyrelu vs swiglu")]
     assert sentence.endswith(f"too few rungs to fit a trend (need {ladder.MIN_RUNGS}).")
+
+
+def test_ladder_report_pools_a_margin_that_holds(tmp_path):
+    """A margin of -0.1 at every rung: no trend, and the verdict gives the mean of
+    every run's Δ with scipy's t-interval and one-sample p."""
+    tables, out, _, y = _synthetic_ladder(tmp_path, lambda k: -0.1)
+    (fit,) = [f for f in tables["fits"] if f["kind"] == "delta" and f["arm"] == "polyrelu"]
+    low, high = scipy.stats.t.interval(0.95, len(y) - 1, np.mean(y), scipy.stats.sem(y))
+    assert fit["pooled"] == pytest.approx(np.mean(y), rel=1e-12)
+    assert (fit["pooled_low"], fit["pooled_high"]) == pytest.approx((low, high), rel=1e-9)
+    assert fit["pooled_p"] == pytest.approx(scipy.stats.ttest_1samp(y, 0).pvalue, rel=1e-9)
+    assert fit["slope_low"] < 0 < fit["slope_high"]
+    (sentence,) = [v for v in tables["verdict"] if v.startswith("polyrelu vs swiglu")]
+    assert "the margin holds (no trend shown)" in sentence
+    assert f"pooled over the 9 runs, Δ {np.mean(y):+.3f} [{low:+.3f}, {high:+.3f}]" in sentence
+    assert f"{np.mean(y):+.4f} [{low:+.4f}, {high:+.4f}]" in (out / "table.md").read_text()
 
 
 def test_ladder_report_compares_a_rung_s_finished_arms_while_the_orders_train(tmp_path):
